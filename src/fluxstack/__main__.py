@@ -1,0 +1,3 @@
+from fluxstack.cli import main
+
+raise SystemExit(main())
