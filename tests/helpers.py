@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+MiB = 1 << 20
 
 
 def write_random(path: Path, size: int, seed: int) -> str:
@@ -136,3 +137,13 @@ def start_mirror(models_dir: Path, *args: str | Path, env: dict[str, str] | None
     if not url_box:
         raise AssertionError("mirror exited:\n" + "\n".join(lines))
     return Mirror(proc, url_box[0], lines)
+
+
+@dataclass
+class Upstream:
+    """A generated 'Hub': files in a store, the manifest naming them, and a mirror serving them."""
+
+    root: Path
+    manifest: Path
+    models: list[Model]
+    mirror: Mirror

@@ -26,8 +26,7 @@ from fluxstack.errors import CheckFailed, FluxstackError, UsageError
 from fluxstack.http_client import Client
 from fluxstack.hub import Source
 from fluxstack.manifest import ManifestFile
-from fluxstack.store import Store, write_json_atomic
-from fluxstack.units import human_size
+from fluxstack.store import Store, write_bytes_atomic
 
 CHUNK_SIZE = 64 << 20
 BUFFER_SIZE = 8 << 20
@@ -63,11 +62,10 @@ class NetworkError(UsageError):
     pass
 
 
-def no_space(path: Path, needed: int) -> NoSpace:
+def no_space(path: Path) -> NoSpace:
     return NoSpace(
-        f"no space left on the device holding {path.parent} while writing {human_size(needed)}; "
-        "the partial download is kept and the next run resumes it. Free space (or `fluxstack gc`) and "
-        "run the same command again.")
+        f"no space left on the device holding {path.parent}; the partial download is kept and the next "
+        "run resumes it. Free space (or `fluxstack gc`) and run the same command again.")
 
 
 class Journal:
@@ -99,10 +97,28 @@ class Journal:
             journal.done[i] = max(0, min(n, journal.chunk_len(i), on_disk - i * journal.chunk_size))
         return journal
 
-    def save(self, path: Path) -> None:
+    def render(self) -> bytes:
+        # Fixed-width numbers: the journal never changes length, so it can be rewritten in place
+        # when the disk is full (see save).
         with self.lock:
-            data = {"size": self.size, "chunk_size": self.chunk_size, "done": list(self.done)}
-        write_json_atomic(path, data)
+            done = ",".join(f"{n:>20d}" for n in self.done)
+        return f'{{"size": {self.size}, "chunk_size": {self.chunk_size}, "done": [{done}]}}\n'.encode()
+
+    def save(self, path: Path) -> None:
+        data = self.render()
+        try:
+            write_bytes_atomic(path, data)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            # No room for a new file: overwrite the existing one, same length, same blocks.
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                if os.fstat(fd).st_size != len(data):
+                    raise
+                os.pwrite(fd, data, 0)
+            finally:
+                os.close(fd)
 
     def chunk_len(self, i: int) -> int:
         return min(self.chunk_size, self.size - i * self.chunk_size)
@@ -201,7 +217,7 @@ class Transfer:
         except OSError as exc:
             os.close(fd)
             if exc.errno == errno.ENOSPC:
-                raise no_space(self.partial, self.size - journal.written()) from None
+                raise no_space(self.partial) from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise
             fd = os.open(self.partial, os.O_RDWR)
@@ -282,7 +298,7 @@ class Transfer:
                 raise
             except (OSError, http.client.HTTPException, _Retryable) as exc:
                 if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-                    raise no_space(self.partial, end - offset) from None
+                    raise no_space(self.partial) from None
                 attempt += 1
                 if attempt > self.options.retries:
                     raise NetworkError(

@@ -8,6 +8,7 @@ rename; write the ready marker only when every file verified.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fluxstack.download import Journal, Options, Transfer
+from fluxstack.download import Journal, Options, Transfer, no_space
 from fluxstack.errors import CheckFailed, FluxstackError, UsageError
 from fluxstack.hashing import sha256_file
 from fluxstack.hub import Source
@@ -88,6 +89,13 @@ def refuse_unlocked(manifest: Manifest) -> None:
             "mirror holding these files) is reachable, review the diff, and seed again.")
 
 
+def storage_error(exc: OSError, where: Path) -> FluxstackError:
+    if exc.errno == errno.ENOSPC:
+        return no_space(where)
+    return UsageError(f"cannot write to {exc.filename or where}: {exc.strerror or exc}. Make the store writable "
+                      "(or pick another --models-dir) and run again; verified files and partials are kept.")
+
+
 def allocated(path: Path) -> int:
     try:
         return path.stat().st_blocks * 512
@@ -119,6 +127,8 @@ class Seeder:
                     self._seed(report)
                 except FluxstackError as exc:
                     report.error = exc
+                except OSError as exc:
+                    report.error = storage_error(exc, self.store.root)
         report.seconds = time.monotonic() - started
         return report
 
@@ -253,9 +263,10 @@ class Seeder:
                 return
             try:
                 outcomes[f.dest] = self._fetch_verified(f)
-            except FluxstackError as exc:
-                outcomes[f.dest] = Outcome(f.dest, f.size or 0, "failed", detail=str(exc))
-                errors.append(exc)
+            except (FluxstackError, OSError) as exc:
+                error = exc if isinstance(exc, FluxstackError) else storage_error(exc, self.store.final_path(f))
+                outcomes[f.dest] = Outcome(f.dest, f.size or 0, "failed", detail=str(error))
+                errors.append(error)
                 self.stop.set()
 
         with ThreadPoolExecutor(max(1, min(self.options.jobs, len(files)))) as pool:

@@ -1,0 +1,51 @@
+# fluxstack — the front door. `make help` lists what works today.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP_INDEX_URL ?=
+export PIP_INDEX_URL
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml requirements/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/dev.txt -e .
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed ## Create the development virtualenv (.venv) with fluxstack and test tools
+
+.PHONY: lint
+lint: venv ## Lint the Python code with ruff
+	$(VENV)/bin/ruff check src tests bench
+
+.PHONY: test
+test: venv lint ## Run the whole test suite (unit + integration; needs root for the tmpfs tests)
+	$(VENV)/bin/pytest tests
+
+.PHONY: test-unit
+test-unit: venv ## Run the fast unit tests only
+	$(VENV)/bin/pytest tests/unit
+
+.PHONY: manifests
+manifests: venv ## List the shipped manifests and validate them
+	$(VENV)/bin/fluxstack manifest list
+	$(VENV)/bin/fluxstack manifest validate
+
+.PHONY: seed
+seed: venv ## Seed MANIFEST (default flux-dev) into MODELS_DIR (default ./models)
+	$(VENV)/bin/fluxstack seed $(or $(MANIFEST),flux-dev) --models-dir $(or $(MODELS_DIR),models)
+
+.PHONY: bench-seed
+bench-seed: venv ## Benchmark the seeder against hf_hub_download (and aria2c) on loopback
+	$(PY) bench/seed_bench.py
+
+.PHONY: clean
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache
