@@ -2,6 +2,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
+OLAH_VENV ?= .venv-olah
 PY := $(VENV)/bin/python
 PIP_INDEX_URL ?=
 export PIP_INDEX_URL
@@ -21,13 +22,19 @@ $(VENV)/.installed: pyproject.toml requirements/dev.txt
 .PHONY: venv
 venv: $(VENV)/.installed ## Create the development virtualenv (.venv) with fluxstack and test tools
 
+# olah, the second mirror implementation the tests seed from, lives in its own venv.
+$(OLAH_VENV)/.installed: requirements/olah.txt
+	$(PYTHON) -m venv $(OLAH_VENV)
+	$(OLAH_VENV)/bin/python -m pip install --quiet -r requirements/olah.txt
+	touch $@
+
 .PHONY: lint
 lint: venv ## Lint the Python code with ruff
 	$(VENV)/bin/ruff check src tests bench
 
 .PHONY: test
-test: venv lint ## Run the whole test suite (unit + integration; needs root for the tmpfs tests)
-	$(VENV)/bin/pytest tests
+test: venv lint $(OLAH_VENV)/.installed ## Run the whole test suite (unit + integration; needs root for the tmpfs tests)
+	OLAH_CLI=$(abspath $(OLAH_VENV))/bin/olah-cli $(VENV)/bin/pytest tests
 
 .PHONY: test-unit
 test-unit: venv ## Run the fast unit tests only
@@ -48,4 +55,4 @@ bench-seed: venv ## Benchmark the seeder against hf_hub_download (and aria2c) on
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(OLAH_VENV) .pytest_cache .ruff_cache
