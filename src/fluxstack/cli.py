@@ -212,6 +212,70 @@ def cmd_mirror_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- runtime -------------------------------------------------------------------------
+def cmd_runtime_serve(args: argparse.Namespace) -> int:
+    from fluxstack.runtime.variants import load_variant
+    from fluxstack.store import Store
+
+    store = Store(args.models_dir)
+    names = args.manifest or [os.environ.get("FLUXSTACK_RUNTIME_MANIFEST", "flux-dev-runtime")]
+    variants = [load_variant(store, name) for name in names]  # refuses to start when the store is not ready
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import uvicorn
+
+    from fluxstack.runtime.app import Metrics, Settings, create_app
+    from fluxstack.runtime.engine import Engine
+    from fluxstack.runtime.worker import Worker
+
+    settings = Settings(queue_size=args.queue_size, timeout=args.timeout, max_pixels=args.max_pixels)
+    metrics = Metrics()
+    engine = Engine(variants, store.root / "loras", args.profile)
+    worker = Worker(engine, settings.queue_size, settings.timeout, metrics)
+    app = create_app(engine, worker, store, settings, metrics)
+    _say(f"runtime: serving {', '.join(v.name for v in variants)} from {store.root} on http://{args.host}:{args.port}")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fluxstack.runtime.client import generate
+
+    body: dict[str, Any] = {"prompt": args.prompt, "n": args.n, "response_format": "b64_json"}
+    for key in ("model", "width", "height", "steps", "guidance", "seed"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    loras = []
+    for spec in args.lora:
+        name, _, weight = spec.partition(":")
+        try:
+            loras.append({"name": name, "weight": float(weight) if weight else 1.0})
+        except ValueError:
+            raise UsageError(f"--lora {spec!r}: the weight after ':' must be a number (example: style:0.8)") from None
+    if loras:
+        body["loras"] = loras
+    if args.image is not None:
+        import base64
+
+        try:
+            body["image"] = base64.b64encode(args.image.read_bytes()).decode()
+        except OSError as exc:
+            raise UsageError(f"cannot read --image {args.image}: {exc.strerror}") from None
+    result = generate(args.url, body, args.out, args.timeout)
+    for path in result["files"]:
+        print(path)
+    _say(f"generated with {result['model']}, seed {result['seed']}")
+    return 0
+
+
+def cmd_dev_tiny_model(args: argparse.Namespace) -> int:
+    from fluxstack.runtime.tiny import generate
+
+    manifest = generate(args.out, seed=args.seed, name=args.name)
+    _say(f"tiny model written to {args.out / 'store'}; manifest {manifest}")
+    print(manifest)
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from fluxstack.store import default_models_dir
@@ -292,6 +356,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rate", type=_size_arg, default=None,
                    help="cap on total bytes/s sent, e.g. 500MiB (default: no cap)")
     p.set_defaults(func=cmd_mirror_serve)
+
+    rt = sub.add_parser("runtime", help="the diffusers image service")
+    rtsub = rt.add_subparsers(dest="runtime_command", required=True, metavar="ACTION")
+    p = rtsub.add_parser("serve", help="serve /v1/images/generations from a seeded store")
+    p.add_argument("--models-dir", type=Path, default=default_models_dir())
+    p.add_argument("--manifest", action="append", default=[],
+                   help="runtime manifest to serve (repeatable; default $FLUXSTACK_RUNTIME_MANIFEST, "
+                   "else flux-dev-runtime)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--profile", default=os.environ.get("FLUXSTACK_PROFILE", "auto"),
+                   help="memory profile: auto, full, fp8, model-offload, sequential-offload, cpu (default auto)")
+    p.add_argument("--queue-size", type=_positive, default=8, help="requests waiting for the GPU (default 8)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait in the queue")
+    p.add_argument("--max-pixels", type=_positive, default=2048 * 2048, help="largest width x height accepted")
+    p.set_defaults(func=cmd_runtime_serve)
+
+    p = sub.add_parser("generate", help="ask a running runtime for an image")
+    p.add_argument("prompt")
+    p.add_argument("--out", type=Path, default=Path("flux.png"), help="PNG to write (default flux.png)")
+    p.add_argument("--url", default=os.environ.get("FLUXSTACK_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--model")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("-n", type=_positive, default=1, help="number of images")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]")
+    p.add_argument("--image", type=Path, help="input image for image-edit models (Kontext)")
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.set_defaults(func=cmd_generate)
+
+    dev = sub.add_parser("dev", help="developer tools")
+    devsub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
+    p = devsub.add_parser("tiny-model", help="write a tiny random FLUX-architecture model and its manifest")
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="tiny-flux")
+    p.set_defaults(func=cmd_dev_tiny_model)
     return parser
 
 

@@ -18,7 +18,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import yaml
 
 from fluxstack.errors import UsageError
@@ -64,6 +63,7 @@ class Manifest:
     include: list[str]
     own_files: list[ManifestFile]
     files: list[ManifestFile]  # own files plus everything included, merged
+    runtime: dict[str, Any] | None = None  # how the diffusers runtime assembles a pipeline
 
     @property
     def total_size(self) -> int:
@@ -149,6 +149,8 @@ def _parse(path: Path) -> tuple[dict[str, Any], yaml.Node]:
 
 def validate_document(path: Path) -> list[str]:
     """Schema problems of one manifest file, each as 'file:line: message'."""
+    import jsonschema  # imported here: the runtime loads manifests it trusts without a schema
+
     data, node = _parse(path)
     validator = jsonschema.Draft202012Validator(_schema())
     problems = []
@@ -208,14 +210,34 @@ def _load(path: Path, stack: tuple[str, ...]) -> Manifest:
             raise UsageError(f"{path}: includes {name!r}, but {child_path} does not exist")
         collected.extend(_load(child_path, (*stack, resolved)).files)
     collected.extend(own)
-    return Manifest(
+    manifest = Manifest(
         name=data["name"],
         description=data["description"],
         path=path,
         include=list(data.get("include", [])),
         own_files=own,
         files=merge_files(collected),
+        runtime=data.get("runtime"),
     )
+    _check_runtime(manifest)
+    return manifest
+
+
+def _check_runtime(manifest: Manifest) -> None:
+    """Every file and folder the runtime section names must be something this manifest seeds."""
+    if manifest.runtime is None:
+        return
+    dests = {f.dest for f in manifest.files}
+    problems = []
+    for role in ("transformer", "vae", "clip", "t5"):
+        if manifest.runtime[role] not in dests:
+            problems.append(f"runtime.{role} {manifest.runtime[role]!r} is not a dest of any file")
+    for role in ("config", "tokenizers"):
+        prefix = manifest.runtime[role].rstrip("/") + "/"
+        if not any(d.startswith(prefix) for d in dests):
+            problems.append(f"runtime.{role} {manifest.runtime[role]!r} holds no file of the manifest")
+    if problems:
+        raise UsageError(f"{manifest.path}: " + "; ".join(problems))
 
 
 def write_files(manifest: Manifest, files: list[ManifestFile]) -> None:

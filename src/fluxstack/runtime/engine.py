@@ -1,0 +1,244 @@
+"""Pipelines built from the store's single files, and the one place images are generated.
+
+Loading is offline by construction: every config and tokenizer comes from the store
+(the same files ComfyUI reads, plus small config folders), so HF_HUB_OFFLINE=1 holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import os
+import secrets
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxstack import __version__
+from fluxstack.errors import UsageError
+from fluxstack.runtime.variants import Variant
+
+PROFILES = ("auto", "full", "fp8", "model-offload", "sequential-offload", "cpu")
+GiB = 1 << 30
+
+
+class NonFinite(Exception):
+    """The pipeline produced NaN/inf pixels (a numerically broken model or dtype), not an image."""
+
+
+class OutOfMemory(Exception):
+    """The GPU ran out of memory for this request; memory was freed, the next request can run."""
+
+
+def choose_profile(requested: str) -> tuple[str, str]:
+    """(profile, device) for the request 'auto' or a named profile, from the detected GPU."""
+    import torch
+
+    if requested not in PROFILES:
+        raise UsageError(f"unknown memory profile {requested!r}; choose one of {', '.join(PROFILES)}")
+    if not torch.cuda.is_available():
+        if requested not in ("auto", "cpu"):
+            raise UsageError(f"profile {requested!r} needs a CUDA GPU and none is visible; use --profile cpu")
+        return "cpu", "cpu"
+    if requested != "auto":
+        return requested, "cpu" if requested == "cpu" else "cuda"
+    # FLUX.1-dev needs ~34 GiB all on the GPU, ~21 GiB with fp8 weights, ~25 GiB peak with model offload.
+    total = torch.cuda.get_device_properties(0).total_memory
+    if total >= 36 * GiB:
+        return "full", "cuda"
+    if total >= 22 * GiB:
+        return "fp8", "cuda"
+    if total >= 12 * GiB:
+        return "model-offload", "cuda"
+    return "sequential-offload", "cuda"
+
+
+def _load_text_encoder(cls: Any, config_dir: Path, weights: Path, dtype: Any, device: str) -> Any:
+    """A transformers encoder from a single ComfyUI-style file (transformers key names)."""
+    from safetensors.torch import load_file
+
+    config = cls.config_class.from_pretrained(str(config_dir))
+    model, info = cls.from_pretrained(None, config=config, state_dict=load_file(str(weights)), dtype=dtype,
+                                      output_loading_info=True, **({"device_map": device} if device != "cpu" else {}))
+    missing = info["missing_keys"]
+    if missing:
+        raise UsageError(f"{weights} lacks {len(missing)} weights the model needs (first: {sorted(missing)[0]}); "
+                         "the file is not the text encoder the manifest says it is")
+    return model.eval()
+
+
+def build_pipeline(variant: Variant, profile: str, device: str) -> Any:
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    p = variant.paths
+    config = str(p["config"])
+    on_gpu = profile in ("full", "fp8")
+    transformer = FluxTransformer2DModel.from_single_file(
+        str(p["transformer"]), config=config, subfolder="transformer", torch_dtype=dtype, local_files_only=True,
+        **({"device_map": "cuda"} if on_gpu else {}))
+    vae = AutoencoderKL.from_single_file(str(p["vae"]), config=config, subfolder="vae", torch_dtype=dtype,
+                                         local_files_only=True)
+    encoder_device = "cuda" if on_gpu else "cpu"
+    clip = _load_text_encoder(CLIPTextModel, p["config"] / "text_encoder", p["clip"], dtype, encoder_device)
+    t5 = _load_text_encoder(T5EncoderModel, p["config"] / "text_encoder_2", p["t5"], dtype, encoder_device)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(config, subfolder="scheduler")
+    cls = FluxKontextPipeline if variant.task == "image-edit" else FluxPipeline
+    pipe = cls(scheduler=scheduler, vae=vae, text_encoder=clip, text_encoder_2=t5, transformer=transformer,
+               tokenizer=CLIPTokenizer.from_pretrained(str(p["tokenizers"] / "tokenizer")),
+               tokenizer_2=T5TokenizerFast.from_pretrained(str(p["tokenizers"] / "tokenizer_2")))
+    if profile == "fp8":
+        # Weights stored as fp8, computed in bf16: FLUX.1-dev fits a 24 GB card.
+        from diffusers.hooks import apply_layerwise_casting
+
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        apply_layerwise_casting(t5, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
+                                skip_modules_pattern=("layer_norm", "shared", "relative_attention_bias"))
+    if profile in ("full", "fp8"):
+        pipe.to("cuda")
+    elif profile == "model-offload":
+        pipe.enable_model_cpu_offload()
+    elif profile == "sequential-offload":
+        pipe.enable_sequential_cpu_offload()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class Job:
+    variant: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    n: int
+    max_sequence_length: int
+    loras: list[tuple[str, float]] = field(default_factory=list)
+    image: Any = None  # PIL image for image-edit variants
+
+
+class Engine:
+    """Owns the pipelines; generate() is called from one worker thread only."""
+
+    def __init__(self, variants: list[Variant], loras_dir: Path, profile: str = "auto") -> None:
+        self.variants = {v.name: v for v in variants}
+        self.loras_dir = loras_dir
+        self.requested_profile = profile
+        self.profile = ""
+        self.device = ""
+        self.pipes: dict[str, Any] = {}
+        self.loaded_loras: dict[str, set[str]] = {}
+        self.ready = threading.Event()
+        self.load_error: str | None = None
+
+    def load(self) -> None:
+        try:
+            self.profile, self.device = choose_profile(self.requested_profile)
+            for name, variant in self.variants.items():
+                self.pipes[name] = build_pipeline(variant, self.profile, self.device)
+                self.loaded_loras[name] = set()
+            self.ready.set()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            raise
+
+    def available_loras(self) -> dict[str, Path]:
+        if not self.loras_dir.is_dir():
+            return {}
+        return {p.stem: p for p in sorted(self.loras_dir.glob("*.safetensors"))}
+
+    def _apply_loras(self, name: str, pipe: Any, loras: list[tuple[str, float]]) -> None:
+        loaded = self.loaded_loras[name]
+        files = self.available_loras()
+        for lora, _ in loras:
+            if lora not in loaded:
+                pipe.load_lora_weights(str(files[lora]), adapter_name=lora)
+                loaded.add(lora)
+        if loras:
+            pipe.enable_lora()
+            pipe.set_adapters([n for n, _ in loras], adapter_weights=[w for _, w in loras])
+        elif loaded:
+            pipe.disable_lora()
+
+    def generate(self, job: Job) -> list[bytes]:
+        import torch
+
+        variant = self.variants[job.variant]
+        pipe = self.pipes[job.variant]
+        self._apply_loras(job.variant, pipe, job.loras)
+        kwargs: dict[str, Any] = {
+            "prompt": job.prompt, "width": job.width, "height": job.height, "num_inference_steps": job.steps,
+            "guidance_scale": job.guidance, "num_images_per_prompt": job.n,
+            "max_sequence_length": job.max_sequence_length,
+            # CPU noise, as the guide's example: the same seed gives the same image on any device.
+            "generator": torch.Generator("cpu").manual_seed(job.seed),
+        }
+        if variant.task == "image-edit":
+            kwargs["image"] = job.image
+        try:
+            with torch.inference_mode():
+                pixels = pipe(output_type="np", **kwargs).images
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            raise OutOfMemory(f"the GPU ran out of memory for {job.n} image(s) of {job.width}x{job.height}; "
+                              "memory was freed: retry with fewer or smaller images, or a lower memory "
+                              "profile (--profile fp8 / model-offload)") from None
+        import numpy as np
+
+        if not np.isfinite(pixels).all():
+            # A black or noisy PNG would hide it; say so instead.
+            raise NonFinite(f"{variant.name} produced non-finite pixels (NaN/inf) for this request: the weights or "
+                            f"the {self.profile} profile's dtype are numerically broken for it; check the model files "
+                            "(`fluxstack seed --verify --full`) or try another --profile")
+        images = pipe.numpy_to_pil(pixels)
+        return [self._png(image, job, variant, index) for index, image in enumerate(images)]
+
+    def _png(self, image: Any, job: Job, variant: Variant, index: int) -> bytes:
+        from PIL.PngImagePlugin import PngInfo
+
+        files = {role: sha for role, sha in variant.sha256.items()}
+        for lora, _ in job.loras:
+            files[f"lora:{lora}"] = lora_sha256(self.available_loras()[lora])
+        meta = {"prompt": job.prompt, "seed": job.seed, "index": index, "steps": job.steps,
+                "guidance": job.guidance, "width": job.width, "height": job.height, "model": variant.name,
+                "manifest": variant.manifest.name, "manifest_digest": variant.manifest.digest(),
+                "loras": [{"name": n, "weight": w} for n, w in job.loras], "sha256": files,
+                "fluxstack": __version__}
+        info = PngInfo()
+        info.add_text("fluxstack", json.dumps(meta, sort_keys=True))
+        info.add_text("Description", job.prompt)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", pnginfo=info)
+        return buf.getvalue()
+
+
+_LORA_SHA: dict[tuple[str, int, int], str] = {}
+
+
+def lora_sha256(path: Path) -> str:
+    """LoRAs are user files, not manifest entries: hash once per (path, size, mtime)."""
+    from fluxstack.hashing import sha256_file
+
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _LORA_SHA:
+        _LORA_SHA[key] = sha256_file(path)
+    return _LORA_SHA[key]
+
+
+def random_seed() -> int:
+    return secrets.randbelow(2**31)
