@@ -41,7 +41,7 @@ from full_size import (
 )
 
 from fluxstack.manifest import Manifest
-from fluxstack.runtime.engine import Engine, Job, build_pipeline
+from fluxstack.runtime.engine import Engine, Job, NonFinite, build_pipeline
 from fluxstack.runtime.tiny import _clip_tokenizer, _t5_tokenizer
 from fluxstack.runtime.variants import BASE_DEFAULTS, Variant
 
@@ -123,12 +123,21 @@ def measure(v: Variant, profile: str, steps: int, guidance: float, msl: int, run
     engine.pipes[v.name], engine.loaded_loras[v.name] = pipe, set()
     job = Job(variant=v.name, prompt="A cat holding a sign that says hello world", width=1024, height=1024,
               steps=steps, guidance=guidance, seed=0, n=1, max_sequence_length=msl)
-    first = timed(lambda: engine.generate(job), 1)[0]
+    finite = []
+
+    def run() -> None:
+        try:
+            engine.generate(job)
+            finite.append(True)
+        except NonFinite:  # random weights may overflow; the time is still the time of the full path
+            finite.append(False)
+
+    first = timed(run, 1)[0]
     torch.cuda.reset_peak_memory_stats()
-    e2e = timed(lambda: engine.generate(job), runs)
+    e2e = timed(run, runs)
     result = {"profile": profile, "steps": steps, "load_s": load_s, "first_request_s": first,
               "runtime_e2e_s": e2e, "runtime_e2e_median_s": statistics.median(e2e),
-              "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "finite_outputs": all(finite)}
     if baseline:
         with torch.inference_mode():
             pe, ppe, _ = pipe.encode_prompt(job.prompt, prompt_2=None, max_sequence_length=msl)
