@@ -103,8 +103,9 @@ def build_pipeline(variant: Variant, profile: str, device: str) -> Any:
         from diffusers.hooks import apply_layerwise_casting
 
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        # T5's feed-forward casts its input to wo's stored dtype before wo runs, so wo stays bf16.
         apply_layerwise_casting(t5, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
-                                skip_modules_pattern=("layer_norm", "shared", "relative_attention_bias"))
+                                skip_modules_pattern=("layer_norm", "shared", "relative_attention_bias", r"\.wo$"))
     if profile in ("full", "fp8"):
         pipe.to("cuda")
     elif profile == "model-offload":
