@@ -69,6 +69,14 @@ def _load_text_encoder(cls: Any, config_dir: Path, weights: Path, dtype: Any, de
     return model.eval()
 
 
+def _report_compute_dtype(model: Any, dtype: Any) -> None:
+    """The pipeline casts prompt embeddings to text_encoder_2.dtype, which for a model stored in fp8
+    would be fp8; make the model report the dtype it computes in."""
+    cls = type(model)
+    model.__class__ = type(f"{cls.__name__}ComputeIn{dtype}".replace("torch.", ""), (cls,),
+                           {"dtype": property(lambda self: dtype)})
+
+
 def build_pipeline(variant: Variant, profile: str, device: str) -> Any:
     import torch
     from diffusers import (
@@ -106,6 +114,7 @@ def build_pipeline(variant: Variant, profile: str, device: str) -> Any:
         # T5's feed-forward casts its input to wo's stored dtype before wo runs, so wo stays bf16.
         apply_layerwise_casting(t5, storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype,
                                 skip_modules_pattern=("layer_norm", "shared", "relative_attention_bias", r"\.wo$"))
+        _report_compute_dtype(t5, dtype)
     if profile in ("full", "fp8"):
         pipe.to("cuda")
     elif profile == "model-offload":
