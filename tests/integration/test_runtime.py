@@ -87,8 +87,9 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     manifest = Path(made.stdout.strip())
     mirror = start_mirror(work / "gen" / "store", "--manifest", manifest)
     try:
-        fluxstack("seed", manifest, "--models-dir", work / "models", "--endpoint", mirror.url, "--space-margin", "0",
-                  check=True)
+        for m in (manifest, manifest.with_name("tiny-flux-kontext.yaml")):
+            fluxstack("seed", m, "--models-dir", work / "models", "--endpoint", mirror.url, "--space-margin", "0",
+                      check=True)
     finally:
         mirror.stop()
     return work / "models", manifest
@@ -97,7 +98,8 @@ def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def runtime(seeded: tuple[Path, Path]) -> Iterator[Runtime]:
     store, manifest = seeded
-    rt = start_runtime(store, manifest, "--queue-size", "1", "--max-pixels", str(256 * 256))
+    rt = start_runtime(store, manifest, "--queue-size", "1", "--max-pixels", str(256 * 256), "--manifest",
+                       str(manifest.with_name("tiny-flux-kontext.yaml")))
     yield rt
     rt.proc.terminate()
     rt.proc.wait(20)
@@ -115,7 +117,7 @@ def test_generation_returns_a_png_of_the_requested_size_that_says_how_it_was_mad
     png = generate_png(runtime, width=96, height=64, seed=7, steps=3)
     image = Image.open(io.BytesIO(png))
     assert image.format == "PNG" and image.size == (96, 64)
-    assert len(set(image.getdata())) > 10  # a real picture of random weights, not a NaN-black square
+    assert len(image.getcolors(maxcolors=1 << 16) or []) > 10  # a picture of random weights, not NaN-black
     meta = json.loads(image.text["fluxstack"])
     assert meta["prompt"] == "a cat holding a sign that says hello world"
     assert (meta["seed"], meta["steps"], meta["model"], meta["manifest"]) == (7, 3, "tiny-flux", "tiny-flux")
@@ -194,9 +196,12 @@ def test_a_full_queue_answers_429_with_retry_after(runtime: Runtime) -> None:
 def test_health_models_metrics_and_docs(runtime: Runtime) -> None:
     assert json.loads(get(f"{runtime.url}/healthz")[1]) == {"status": "ok"}
     ready = json.loads(get(f"{runtime.url}/readyz")[1])
-    assert ready["ready"] and ready["profile"] == "cpu" and ready["variants"][0]["name"] == "tiny-flux"
+    assert ready["ready"] and ready["profile"] == "cpu"
+    assert [(v["name"], v["task"]) for v in ready["variants"]] == [("tiny-flux", "text-to-image"),
+                                                                    ("tiny-flux-kontext", "image-edit")]
     models = json.loads(get(f"{runtime.url}/v1/models")[1])
-    assert [m["id"] for m in models["data"]] == ["tiny-flux"] and models["loras"] == ["tiny-style"]
+    assert [m["id"] for m in models["data"]] == ["tiny-flux", "tiny-flux-kontext"]
+    assert models["loras"] == ["tiny-style"]
     generate_png(runtime, seed=9)
     metrics = get(f"{runtime.url}/metrics")[1].decode()
     assert 'fluxstack_requests_total{route="/v1/images/generations",status="200"}' in metrics
@@ -233,3 +238,27 @@ def test_refuses_to_start_on_an_unseeded_store(seeded: tuple[Path, Path], tmp_pa
     assert proc.returncode == 2
     assert "not ready for tiny-flux" in proc.stderr and "fluxstack seed tiny-flux" in proc.stderr
     assert "missing diffusion_models/flux1-tiny.safetensors" in proc.stderr
+
+
+def png_b64(size: tuple[int, int], colour: tuple[int, int, int]) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_kontext_edits_an_input_image_keeping_its_aspect(runtime: Runtime) -> None:
+    red = png_b64((96, 64), (200, 10, 10))
+    png = generate_png(runtime, model="tiny-flux-kontext", image=red, seed=11)
+    assert Image.open(io.BytesIO(png)).size == (80, 48)  # 3:2 at about the default 64x64 area
+    blue = generate_png(runtime, model="tiny-flux-kontext", image=png_b64((96, 64), (10, 10, 200)), seed=11)
+    assert blue != png  # the input image reaches the model
+    sized = generate_png(runtime, model="tiny-flux-kontext", image=red, seed=11, width=64, height=32)
+    assert Image.open(io.BytesIO(sized)).size == (64, 32)
+
+
+@pytest.mark.parametrize(("image", "words"), [(None, "edits an image"), ("bm90IGFuIGltYWdl", "not a decodable"),
+                                              ("%%%", "not a decodable")])
+def test_kontext_input_image_errors(runtime: Runtime, image: str | None, words: str) -> None:
+    body = {"prompt": "make it blue", "model": "tiny-flux-kontext", **({"image": image} if image else {})}
+    status, _, data = post(runtime.url, body)
+    assert status == 422 and words in json.loads(data)["error"]

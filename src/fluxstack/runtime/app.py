@@ -112,6 +112,13 @@ def _decode_image(data: str) -> Any:
     return image.convert("RGB")
 
 
+def _fit(size: tuple[int, int], area: int) -> tuple[int, int]:
+    """The input image's aspect ratio at about `area` pixels, both sides multiples of 16."""
+    w, h = size
+    scale = (area / (w * h)) ** 0.5
+    return max(16, round(w * scale / 16) * 16), max(16, round(h * scale / 16) * 16)
+
+
 def create_app(engine: Engine, worker: Worker, store: Store, settings: Settings, metrics: Metrics) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -187,6 +194,17 @@ def create_app(engine: Engine, worker: Worker, store: Store, settings: Settings,
             return _error(422, f"model: unknown model {name!r} (allowed: {', '.join(engine.variants)})", "model")
         d = variant.defaults
         width, height = req.width or d["width"], req.height or d["height"]
+        image = None
+        if variant.task == "image-edit":
+            if req.image is None:
+                return _error(422, f"image: {name} edits an image; send it base64-encoded in 'image'", "image")
+            image = _decode_image(req.image)
+            if image is None:
+                return _error(422, "image: not a decodable image (base64 PNG, JPEG or WebP)", "image")
+            if req.width is None and req.height is None:
+                width, height = _fit(image.size, d["width"] * d["height"])
+        elif req.image is not None:
+            return _error(422, f"image: {name} is a text-to-image model and takes no input image", "image")
         if width * height > settings.max_pixels:
             return _error(422, f"width x height: {width}x{height} is {width * height} pixels, more than the "
                                f"{settings.max_pixels} this service allows", "width")
@@ -197,15 +215,6 @@ def create_app(engine: Engine, worker: Worker, store: Store, settings: Settings,
                                    "put .safetensors files in the store's loras/ folder)", "loras")
         if req.response_format == "png" and req.n > 1:
             return _error(422, "response_format: png returns one image; use b64_json for n > 1", "response_format")
-        image = None
-        if variant.task == "image-edit":
-            if req.image is None:
-                return _error(422, f"image: {name} edits an image; send it base64-encoded in 'image'", "image")
-            image = _decode_image(req.image)
-            if image is None:
-                return _error(422, "image: not a decodable image (base64 PNG, JPEG or WebP)", "image")
-        elif req.image is not None:
-            return _error(422, f"image: {name} is a text-to-image model and takes no input image", "image")
         seed = req.seed if req.seed is not None else random_seed()
         job = Job(variant=name, prompt=req.prompt, width=width, height=height, steps=req.steps or d["steps"],
                   guidance=req.guidance if req.guidance is not None else d["guidance"], seed=seed, n=req.n,

@@ -197,7 +197,10 @@ class Engine:
             "generator": torch.Generator("cpu").manual_seed(job.seed),
         }
         if variant.task == "image-edit":
-            kwargs["image"] = job.image
+            # The input is resized to the output size here, so the pipeline's own resizing (to one of
+            # Kontext's trained resolutions) stays off and the caller gets the size it asked for.
+            kwargs |= {"image": job.image.resize((job.width, job.height)), "_auto_resize": False,
+                       "max_area": job.width * job.height}
         try:
             with torch.inference_mode():
                 pixels = pipe(output_type="np", **kwargs).images

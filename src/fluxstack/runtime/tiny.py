@@ -144,6 +144,11 @@ def generate(out: Path, seed: int = 0, name: str = "tiny-flux") -> Path:
     }
     path = out / f"{name}.yaml"
     path.write_text(yaml.safe_dump(manifest, sort_keys=False, width=120))
+    # The same files as an image-edit (Kontext) variant: same architecture, different pipeline.
+    kontext = {"name": f"{name}-kontext", "description": f"{name} served as an image-edit (Kontext) model.",
+               "include": [name], "runtime": {**manifest["runtime"], "variant": f"{name}-kontext",
+                                              "task": "image-edit"}}
+    (out / f"{name}-kontext.yaml").write_text(yaml.safe_dump(kontext, sort_keys=False, width=120))
     return path
 
 
