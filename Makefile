@@ -6,7 +6,13 @@ OLAH_VENV ?= .venv-olah
 PY := $(VENV)/bin/python
 PIP_INDEX_URL ?=
 export PIP_INDEX_URL
+DOCKER ?= docker
+export DOCKER
+# CA bundle of a TLS-intercepting proxy, handed to image builds as a BuildKit secret (never a layer).
+CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+RUNTIME_IMAGE ?= fluxstack/runtime:dev
 
+, := ,
 .DEFAULT_GOAL := help
 
 .PHONY: help
@@ -52,6 +58,15 @@ seed: venv ## Seed MANIFEST (default flux-dev) into MODELS_DIR (default ./models
 .PHONY: bench-seed
 bench-seed: venv ## Benchmark the seeder against hf_hub_download (and aria2c) on loopback
 	$(PY) bench/seed_bench.py
+
+.PHONY: base-image
+base-image: ## Build debian:trixie-slim locally with debootstrap (offline sites; needs root)
+	scripts/build-base-image.sh
+
+.PHONY: image-runtime
+image-runtime: ## Build the diffusers runtime image (RUNTIME_IMAGE, default fluxstack/runtime:dev)
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/diffusers/Dockerfile $(if $(CA_BUNDLE),--secret id=ca$(,)src=$(CA_BUNDLE)) \
+		$(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) -t $(RUNTIME_IMAGE) .
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import MiB, Upstream, make_models, start_mirror, write_manifest
+from helpers import MiB, Upstream, fluxstack, make_models, start_mirror, write_manifest
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +33,23 @@ def small_upstream(tmp_path: Path) -> Iterator[Upstream]:
     mirror = start_mirror(tmp_path / "upstream", "--manifest", manifest)
     yield Upstream(tmp_path, manifest, models, mirror)
     mirror.stop()
+
+
+@pytest.fixture(scope="session")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The tiny FLUX model through the real path: generated, served by the mirror, seeded into a store.
+
+    Returns (store, manifest); tiny-flux-kontext.yaml (an image-edit variant of the same files) sits
+    next to the manifest and is seeded too."""
+    pytest.importorskip("diffusers", reason="the runtime extra is not installed (pip install -e .[runtime])")
+    work = tmp_path_factory.mktemp("tiny")
+    made = fluxstack("dev", "tiny-model", work / "gen", check=True)
+    manifest = Path(made.stdout.strip())
+    mirror = start_mirror(work / "gen" / "store", "--manifest", manifest)
+    try:
+        for m in (manifest, manifest.with_name("tiny-flux-kontext.yaml")):
+            fluxstack("seed", m, "--models-dir", work / "models", "--endpoint", mirror.url, "--space-margin", "0",
+                      check=True)
+    finally:
+        mirror.stop()
+    return work / "models", manifest

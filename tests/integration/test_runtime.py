@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import REPO, cli_env, fluxstack, start_mirror
+from helpers import REPO, cli_env, fluxstack
 
 pytest.importorskip("diffusers", reason="the runtime extra is not installed (pip install -e .[runtime])")
 
@@ -78,21 +78,6 @@ def start_runtime(store: Path, manifest: Path, *extra: str) -> Runtime:
         time.sleep(0.3)
     proc.kill()
     raise AssertionError("runtime not ready in time:\n" + "".join(log))
-
-
-@pytest.fixture(scope="module")
-def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    work = tmp_path_factory.mktemp("tiny")
-    made = fluxstack("dev", "tiny-model", work / "gen", check=True)
-    manifest = Path(made.stdout.strip())
-    mirror = start_mirror(work / "gen" / "store", "--manifest", manifest)
-    try:
-        for m in (manifest, manifest.with_name("tiny-flux-kontext.yaml")):
-            fluxstack("seed", m, "--models-dir", work / "models", "--endpoint", mirror.url, "--space-margin", "0",
-                      check=True)
-    finally:
-        mirror.stop()
-    return work / "models", manifest
 
 
 @pytest.fixture(scope="module")

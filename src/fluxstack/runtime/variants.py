@@ -35,6 +35,9 @@ class Variant:
 def problems(store: Store, manifest: Manifest) -> list[str]:
     """What keeps this manifest's variant from loading: no ready marker, missing files."""
     found = []
+    if manifest.unlocked():
+        found.append(f"{len(manifest.unlocked())} entries of {manifest.name} have no sha256 yet: run "
+                     f"`fluxstack manifest lock {manifest.name}` where the Hub is reachable, then seed it")
     if not store.ready_path(manifest.name).exists():
         found.append(f"no ready marker {store.ready_path(manifest.name)}: run `fluxstack seed {manifest.name}`")
     for f in manifest.files:
