@@ -159,7 +159,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fluxbench"))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[], help="parts to skip: fp8 schnell")
+    parser.add_argument("--parts", default="full,fp8,schnell",
+                        help="comma list of: full, fp8, schnell, model-offload, sequential-offload")
     args = parser.parse_args()
     import diffusers
     import transformers
@@ -173,13 +174,16 @@ def main() -> int:
     dev = make_store(args.work, schnell=False)
     results["write_files_s"] = time.perf_counter() - t
     dev_defaults = {"steps": 28, "guidance": 3.5, "max_sequence_length": 512}
-    args.out.write_text(json.dumps(results, indent=2))  # after each part: a cut-off run keeps what it measured
-    results["dev_full"] = measure(variant(dev, "flux-dev", dev_defaults), "full", 28, 3.5, 512, args.runs, True)
-    args.out.write_text(json.dumps(results, indent=2))
-    if "fp8" not in args.skip:
-        results["dev_fp8"] = measure(variant(dev, "flux-dev", dev_defaults), "fp8", 28, 3.5, 512, args.runs, False)
-        args.out.write_text(json.dumps(results, indent=2))
-    if "schnell" not in args.skip:
+    parts = args.parts.split(",")
+    runs = {"full": ("dev_full", "full", 28, True), "fp8": ("dev_fp8", "fp8", 28, False),
+            "model-offload": ("dev_model_offload", "model-offload", 28, False),
+            "sequential-offload": ("dev_sequential_offload", "sequential-offload", 4, False)}
+    for part, (key, profile, steps, baseline) in runs.items():
+        if part in parts:
+            results[key] = measure(variant(dev, "flux-dev", dev_defaults), profile, steps, 3.5, 512, args.runs,
+                                   baseline)
+            args.out.write_text(json.dumps(results, indent=2))  # after each part: a cut-off run keeps the rest
+    if "schnell" in parts:
         schnell = make_store(args.work, schnell=True)
         results["schnell_full"] = measure(variant(schnell, "flux-schnell", {"steps": 4, "guidance": 0.0}), "full",
                                           4, 0.0, 256, args.runs, True)

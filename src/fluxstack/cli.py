@@ -229,7 +229,7 @@ def cmd_runtime_serve(args: argparse.Namespace) -> int:
 
     settings = Settings(queue_size=args.queue_size, timeout=args.timeout, max_pixels=args.max_pixels)
     metrics = Metrics()
-    engine = Engine(variants, store.root / "loras", args.profile)
+    engine = Engine(variants, store.root / "loras", args.profile, args.gpu_memory_limit)
     worker = Worker(engine, settings.queue_size, settings.timeout, metrics)
     app = create_app(engine, worker, store, settings, metrics)
     _say(f"runtime: serving {', '.join(v.name for v in variants)} from {store.root} on http://{args.host}:{args.port}")
@@ -371,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=_positive, default=8, help="requests waiting for the GPU (default 8)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait in the queue")
     p.add_argument("--max-pixels", type=_positive, default=2048 * 2048, help="largest width x height accepted")
+    p.add_argument("--gpu-memory-limit", type=_size_arg, default=None, metavar="SIZE",
+                   help="cap this process's GPU memory, e.g. 40GiB, to share the card (auto profile respects it)")
     p.set_defaults(func=cmd_runtime_serve)
 
     p = sub.add_parser("generate", help="ask a running runtime for an image")

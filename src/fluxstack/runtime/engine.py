@@ -32,8 +32,8 @@ class OutOfMemory(Exception):
     """The GPU ran out of memory for this request; memory was freed, the next request can run."""
 
 
-def choose_profile(requested: str) -> tuple[str, str]:
-    """(profile, device) for the request 'auto' or a named profile, from the detected GPU."""
+def choose_profile(requested: str, memory_limit: int | None = None) -> tuple[str, str]:
+    """(profile, device) for the request 'auto' or a named profile, from the detected GPU (or its cap)."""
     import torch
 
     if requested not in PROFILES:
@@ -46,6 +46,7 @@ def choose_profile(requested: str) -> tuple[str, str]:
         return requested, "cpu" if requested == "cpu" else "cuda"
     # FLUX.1-dev needs ~34 GiB all on the GPU, ~21 GiB with fp8 weights, ~25 GiB peak with model offload.
     total = torch.cuda.get_device_properties(0).total_memory
+    total = min(total, memory_limit) if memory_limit else total
     if total >= 36 * GiB:
         return "full", "cuda"
     if total >= 22 * GiB:
@@ -143,8 +144,10 @@ class Job:
 class Engine:
     """Owns the pipelines; generate() is called from one worker thread only."""
 
-    def __init__(self, variants: list[Variant], loras_dir: Path, profile: str = "auto") -> None:
+    def __init__(self, variants: list[Variant], loras_dir: Path, profile: str = "auto",
+                 gpu_memory_limit: int | None = None) -> None:
         self.variants = {v.name: v for v in variants}
+        self.gpu_memory_limit = gpu_memory_limit  # bytes; lets the runtime share a GPU (with ComfyUI, say)
         self.loras_dir = loras_dir
         self.requested_profile = profile
         self.profile = ""
@@ -156,7 +159,12 @@ class Engine:
 
     def load(self) -> None:
         try:
-            self.profile, self.device = choose_profile(self.requested_profile)
+            self.profile, self.device = choose_profile(self.requested_profile, self.gpu_memory_limit)
+            if self.device == "cuda" and self.gpu_memory_limit:
+                import torch
+
+                total = torch.cuda.get_device_properties(0).total_memory
+                torch.cuda.set_per_process_memory_fraction(min(1.0, self.gpu_memory_limit / total))
             for name, variant in self.variants.items():
                 self.pipes[name] = build_pipeline(variant, self.profile, self.device)
                 self.loaded_loras[name] = set()
