@@ -82,6 +82,7 @@ def test_oom_answers_503_frees_memory_and_the_next_request_runs(store: tuple[Pat
         deadline = time.monotonic() + 300
         ready: dict = {}
         while time.monotonic() < deadline and not ready.get("ready"):
+            assert proc.poll() is None, "runtime exited:\n" + "".join(log)[-3000:]
             try:
                 with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
                     ready = json.loads(response.read())
