@@ -209,15 +209,19 @@ class Engine:
             # Kontext's trained resolutions) stays off and the caller gets the size it asked for.
             kwargs |= {"image": job.image.resize((job.width, job.height)), "_auto_resize": False,
                        "max_area": job.width * job.height}
+        out_of_memory = False
         try:
             with torch.inference_mode():
                 pixels = pipe(output_type="np", **kwargs).images
         except torch.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:
+            # Outside the except block: the caught exception's traceback holds the activations alive.
             gc.collect()
             torch.cuda.empty_cache()
             raise OutOfMemory(f"the GPU ran out of memory for {job.n} image(s) of {job.width}x{job.height}; "
                               "memory was freed: retry with fewer or smaller images, or a lower memory "
-                              "profile (--profile fp8 / model-offload)") from None
+                              "profile (--profile fp8 / model-offload)")
         import numpy as np
 
         if not np.isfinite(pixels).all():
