@@ -118,6 +118,7 @@ def measure(v: Variant, profile: str, steps: int, guidance: float, msl: int, run
     pipe = build_pipeline(v, profile, "cuda")
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t
+    load_peak = torch.cuda.max_memory_allocated() / 2**30
     engine = Engine([v], Path("/nonexistent"), profile)
     engine.profile, engine.device = profile, "cuda"
     engine.pipes[v.name], engine.loaded_loras[v.name] = pipe, set()
@@ -135,7 +136,8 @@ def measure(v: Variant, profile: str, steps: int, guidance: float, msl: int, run
     first = timed(run, 1)[0]
     torch.cuda.reset_peak_memory_stats()
     e2e = timed(run, runs)
-    result = {"profile": profile, "steps": steps, "load_s": load_s, "first_request_s": first,
+    result = {"profile": profile, "steps": steps, "load_s": load_s, "load_peak_gib": load_peak,
+              "first_request_s": first,
               "runtime_e2e_s": e2e, "runtime_e2e_median_s": statistics.median(e2e),
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "finite_outputs": all(finite)}
     if baseline:

@@ -93,7 +93,9 @@ def build_pipeline(variant: Variant, profile: str, device: str) -> Any:
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     p = variant.paths
     config = str(p["config"])
-    on_gpu = profile in ("full", "fp8")
+    # Only `full` loads straight onto the GPU (4-5x faster than .to("cuda")); fp8 loads in CPU memory
+    # and casts there, so a 24 GB card never holds the 22 GiB bf16 transformer.
+    on_gpu = profile == "full"
     transformer = FluxTransformer2DModel.from_single_file(
         str(p["transformer"]), config=config, subfolder="transformer", torch_dtype=dtype, local_files_only=True,
         **({"device_map": "cuda"} if on_gpu else {}))
