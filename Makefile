@@ -11,6 +11,10 @@ export DOCKER
 # CA bundle of a TLS-intercepting proxy, handed to image builds as a BuildKit secret (never a layer).
 CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 RUNTIME_IMAGE ?= fluxstack/runtime:dev
+COMPOSE ?= $(DOCKER) compose
+DEMO_DIR ?= demo
+RUNTIME_PORT ?= 8000
+export RUNTIME_PORT
 
 , := ,
 .DEFAULT_GOAL := help
@@ -67,6 +71,30 @@ base-image: ## Build debian:trixie-slim locally with debootstrap (offline sites;
 image-runtime: ## Build the diffusers runtime image (RUNTIME_IMAGE, default fluxstack/runtime:dev)
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/diffusers/Dockerfile $(if $(CA_BUNDLE),--secret id=ca$(,)src=$(CA_BUNDLE)) \
 		$(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) -t $(RUNTIME_IMAGE) .
+
+.PHONY: up
+up: ## Bring the stack up (compose: seeder, then runtime; settings in .env, see .env.example)
+	$(COMPOSE) up -d --wait runtime
+
+.PHONY: down
+down: ## Stop the stack (the model volume is kept)
+	$(COMPOSE) down
+
+.PHONY: demo
+demo: venv ## Offline demo on CPU: tiny random FLUX model -> mirror -> seeder -> runtime, in compose
+	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)/manifests
+	$(VENV)/bin/fluxstack dev tiny-model $(DEMO_DIR)/gen >/dev/null
+	$(VENV)/bin/fluxstack seed $(DEMO_DIR)/gen/tiny-flux.yaml --models-dir $(DEMO_DIR)/gen/store \
+		--endpoint http://127.0.0.1:9 --space-margin 0
+	cp manifests/*.yaml manifests/schema.json $(DEMO_DIR)/gen/*.yaml $(DEMO_DIR)/manifests/
+	FLUXSTACK_MANIFEST=tiny-flux FLUXSTACK_PROFILE=cpu HF_ENDPOINT=http://mirror:8090 SPACE_MARGIN=0 \
+	MIRROR_STORE_DIR=$(abspath $(DEMO_DIR))/gen/store FLUXSTACK_MANIFESTS_HOST_DIR=$(abspath $(DEMO_DIR))/manifests \
+		$(COMPOSE) -p fluxstack-demo --profile mirror up -d --build --wait runtime
+	@echo "demo runtime on http://127.0.0.1:$(RUNTIME_PORT): $(VENV)/bin/fluxstack generate 'a cat' --out cat.png"
+
+.PHONY: demo-down
+demo-down: ## Remove the demo containers and their volume
+	$(COMPOSE) -p fluxstack-demo --profile mirror down -v
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
 import sys
 import threading
@@ -113,6 +114,9 @@ class MirrorIndex:
                     continue
                 if size != f.size:
                     warn(f"mirror: {f.dest} has {size} bytes, the manifest says {f.size}; not serving it")
+                    continue
+                if not os.access(disk, os.R_OK):
+                    warn(f"mirror: cannot read {disk} (permissions); not serving it")
                     continue
                 view.files[f.path] = Entry(f.path, disk, f.size, f.sha256 or "")
             views.append(view)

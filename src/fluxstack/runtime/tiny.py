@@ -29,6 +29,7 @@ def _save_safetensors(tensors: dict[str, Any], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(path), metadata={"format": "pt"})
+    path.chmod(0o644)  # safetensors writes 0600; services read the store as another user
 
 
 def _clip_tokenizer(folder: Path) -> None:
