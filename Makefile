@@ -10,6 +10,7 @@ DOCKER ?= docker
 export DOCKER
 # CA bundle of a TLS-intercepting proxy, handed to image builds as a BuildKit secret (never a layer).
 CA_BUNDLE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+export CA_BUNDLE
 RUNTIME_IMAGE ?= fluxstack/runtime:dev
 COMPOSE ?= $(DOCKER) compose
 DEMO_DIR ?= demo
