@@ -73,6 +73,17 @@ image-runtime: ## Build the diffusers runtime image (RUNTIME_IMAGE, default flux
 	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/diffusers/Dockerfile $(if $(CA_BUNDLE),--secret id=ca$(,)src=$(CA_BUNDLE)) \
 		$(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) -t $(RUNTIME_IMAGE) .
 
+COMFYUI_IMAGE ?= fluxstack/comfyui:dev
+COMFYUI_SRC ?=
+
+.PHONY: image-comfyui
+image-comfyui: ## Build the ComfyUI image (COMFYUI_SRC=/path: from a local tree instead of git)
+	find docker/comfyui/src -mindepth 1 ! -name .fluxstack-placeholder -delete
+	$(if $(COMFYUI_SRC),tar -C $(COMFYUI_SRC) --exclude=.git -c . | tar -C docker/comfyui/src -x)
+	DOCKER_BUILDKIT=1 $(DOCKER) build -f docker/comfyui/Dockerfile $(if $(CA_BUNDLE),--secret id=ca$(,)src=$(CA_BUNDLE)) \
+		$(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) \
+		$(foreach v,COMFYUI_GIT_URL COMFYUI_COMMIT COMFYUI_TREE,$(if $($(v)),--build-arg $(v)=$($(v)))) -t $(COMFYUI_IMAGE) .
+
 .PHONY: up
 up: ## Bring the stack up (compose: seeder, then runtime; settings in .env, see .env.example)
 	$(COMPOSE) up -d --wait runtime
