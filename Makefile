@@ -84,9 +84,11 @@ image-comfyui: ## Build the ComfyUI image (COMFYUI_SRC=/path: from a local tree 
 		$(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) \
 		$(foreach v,COMFYUI_GIT_URL COMFYUI_COMMIT COMFYUI_TREE,$(if $($(v)),--build-arg $(v)=$($(v)))) -t $(COMFYUI_IMAGE) .
 
+SERVICES ?= runtime comfyui
+
 .PHONY: up
-up: ## Bring the stack up (compose: seeder, then runtime; settings in .env, see .env.example)
-	$(COMPOSE) up -d --wait runtime
+up: ## Bring the stack up: seeder, then SERVICES (default: runtime comfyui); settings in .env
+	$(COMPOSE) up -d --wait $(SERVICES)
 
 .PHONY: down
 down: ## Stop the stack (the model volume is kept)
