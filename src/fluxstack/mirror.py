@@ -238,6 +238,9 @@ class MirrorHandler(BaseHTTPRequestHandler):
                 self._error(404, "NotFound", f"{url.path} is not served by this mirror.")
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except OSError as exc:  # a store file vanished or became unreadable after start-up
+            self.server.log(f"mirror: cannot serve {url.path}: {exc.strerror or exc}")
+            self.close_connection = True
 
     def _view(self, repo: str, revision: str) -> RepoView | None:
         found = self.server.index.resolve(repo, revision)
