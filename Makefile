@@ -57,7 +57,11 @@ manifests: venv ## List the shipped manifests and validate them
 	$(VENV)/bin/fluxstack manifest validate
 
 .PHONY: seed
-seed: venv ## Seed MANIFEST (default flux-dev) into MODELS_DIR (default ./models)
+seed: ## Seed MODEL (default: FLUXSTACK_MANIFEST from .env) into the stack's model volume, with the compose seeder
+	$(if $(MODEL),FLUXSTACK_MANIFEST=$(MODEL)) $(COMPOSE) run --rm seeder
+
+.PHONY: seed-local
+seed-local: venv ## Seed MANIFEST (default flux-dev) into MODELS_DIR (default ./models) without Docker
 	$(VENV)/bin/fluxstack seed $(or $(MANIFEST),flux-dev) --models-dir $(or $(MODELS_DIR),models)
 
 .PHONY: bench-seed
@@ -85,14 +89,22 @@ image-comfyui: ## Build the ComfyUI image (COMFYUI_SRC=/path: from a local tree 
 		$(foreach v,COMFYUI_GIT_URL COMFYUI_COMMIT COMFYUI_TREE,$(if $($(v)),--build-arg $(v)=$($(v)))) -t $(COMFYUI_IMAGE) .
 
 SERVICES ?= runtime comfyui
+MODEL ?=
+WORKFLOWS ?= flux-dev-t2i
 
 .PHONY: up
-up: ## Bring the stack up: seeder, then SERVICES (default: runtime comfyui); settings in .env
-	$(COMPOSE) up -d --wait $(SERVICES)
+up: ## Deploy MODEL (flux-dev, flux-schnell…: SERVICES, default runtime comfyui) or, without GPU/token, the demo
+	DOCKER=$(DOCKER) MODEL=$(MODEL) SERVICES="$(SERVICES)" WORKFLOWS="$(WORKFLOWS)" COMFYUI_SRC=$(COMFYUI_SRC) \
+		DEMO=$(DEMO) scripts/up.sh
+
+.PHONY: logs
+logs: ## Follow the stack's logs (SERVICES to narrow)
+	$(COMPOSE) logs -f --tail 100 $(if $(filter command line,$(origin SERVICES)),$(SERVICES))
 
 .PHONY: down
-down: ## Stop the stack (the model volume is kept)
+down: ## Stop the stack and the demo (the model volume is kept)
 	$(COMPOSE) down
+	$(COMPOSE) -p fluxstack-demo --profile mirror down
 
 .PHONY: demo
 demo: venv ## Offline demo on CPU: tiny random FLUX model -> mirror -> seeder -> runtime, in compose

@@ -391,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=900.0)
     p.set_defaults(func=cmd_generate)
 
+    from fluxstack.comfy.commands import add_parser as add_comfy_parser
+
+    add_comfy_parser(sub, default_models_dir())
+
     dev = sub.add_parser("dev", help="developer tools")
     devsub = dev.add_subparsers(dest="dev_command", required=True, metavar="ACTION")
     p = devsub.add_parser("tiny-model", help="write a tiny random FLUX-architecture model and its manifest")
