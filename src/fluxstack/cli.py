@@ -238,6 +238,7 @@ def cmd_runtime_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from fluxstack.comfy.commands import read_token
     from fluxstack.runtime.client import generate
 
     body: dict[str, Any] = {"prompt": args.prompt, "n": args.n, "response_format": "b64_json"}
@@ -260,11 +261,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
             body["image"] = base64.b64encode(args.image.read_bytes()).decode()
         except OSError as exc:
             raise UsageError(f"cannot read --image {args.image}: {exc.strerror}") from None
-    result = generate(args.url, body, args.out, args.timeout)
+    result = generate(args.url, body, args.out, args.timeout, read_token(args.token_file))
     for path in result["files"]:
         print(path)
     _say(f"generated with {result['model']}, seed {result['seed']}")
     return 0
+
+
+# -- doctor --------------------------------------------------------------------------
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from fluxstack.doctor import default_secret_files, run_doctor
+
+    services = {args.runtime_port: "runtime", args.comfyui_port: "comfyui", args.mirror_port: "mirror"}
+    secrets = args.secret_file or default_secret_files()
+    if args.token_file is not None and args.token_file not in secrets:
+        secrets.append(args.token_file)
+    url = args.gateway_url or f"https://127.0.0.1:{args.gateway_port}"
+    report = run_doctor(url, args.gateway_port, services, secrets, args.token_file)
+    if args.json:
+        _emit_json(report.to_json())
+    out = sys.stderr if args.json else sys.stdout
+    for c in report.checks:
+        print(f"{c.status:<5} {c.name}: {c.detail}", file=out)
+    local = sum(1 for s in report.listening if s["loopback"])
+    print(f"doctor: {len(report.listening)} listening port(s), {local} on loopback only; gateway auth "
+          f"{report.auth}; {'a check FAILED' if report.failed else 'no problem found'}", file=out)
+    return 1 if report.failed else 0
 
 
 def cmd_dev_tiny_model(args: argparse.Namespace) -> int:
@@ -378,7 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="ask a running runtime for an image")
     p.add_argument("prompt")
     p.add_argument("--out", type=Path, default=Path("flux.png"), help="PNG to write (default flux.png)")
-    p.add_argument("--url", default=os.environ.get("FLUXSTACK_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--url", default=os.environ.get("FLUXSTACK_URL", "http://127.0.0.1:8000"),
+                   help="the runtime, or a gateway: https://HOST:8443 (default $FLUXSTACK_URL or http://127.0.0.1:8000)")
+    p.add_argument("--token-file", type=Path, default=os.environ.get("FLUXSTACK_TOKEN_FILE"),
+                   help="file with the gateway's bearer token (else $FLUXSTACK_TOKEN); never on the command line")
     p.add_argument("--model")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
@@ -390,6 +415,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", type=Path, help="input image for image-edit models (Kontext)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("doctor", help="report this host's exposure: listening ports, gateway auth, secret files")
+    p.add_argument("--gateway-url", help="the gateway to probe (default https://127.0.0.1:GATEWAY_PORT)")
+    p.add_argument("--gateway-port", type=int, default=int(os.environ.get("GATEWAY_PORT", "8443")))
+    p.add_argument("--runtime-port", type=int, default=int(os.environ.get("RUNTIME_PORT", "8000")))
+    p.add_argument("--comfyui-port", type=int, default=int(os.environ.get("COMFYUI_PORT", "8188")))
+    p.add_argument("--mirror-port", type=int, default=int(os.environ.get("MIRROR_PORT", "8090")))
+    p.add_argument("--token-file", type=Path, help="a gateway token: checks the gateway accepts it, and its mode")
+    p.add_argument("--secret-file", type=Path, action="append", default=[],
+                   help="a secret file whose mode to check (repeatable; default: $GATEWAY_TOKENS_FILE, "
+                   "$GATEWAY_TLS_KEY_FILE, $HF_TOKEN_FILE, /etc/fluxstack/gateway-tokens)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.set_defaults(func=cmd_doctor)
 
     from fluxstack.comfy.commands import add_parser as add_comfy_parser
 

@@ -1,0 +1,289 @@
+"""The authenticating gateway, through the real container in the real compose stack: every route
+refuses no token and a wrong one (401) and serves the right one; the browser session cookie; the
+CLI generating through it over verified TLS; tokens absent from every log; limits; rotation
+without a rebuild; services unpublished and hardened; `fluxstack doctor` on the result.
+ComfyUI routes (UI, /api, the /ws WebSocket, `fluxstack comfy run`) need COMFYUI_SRC."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from gateway_stack import DOCKER, GATEWAY_UID, NO_COMFYUI, Stack, get_stack
+
+from helpers import cli_env, fluxstack
+
+GENERATE = json.dumps({"prompt": "a cat holding a sign", "seed": 5, "width": 64, "height": 64, "steps": 2,
+                       "response_format": "png"}).encode()
+RUNTIME_ROUTES = [("GET", "/v1/models", None), ("GET", "/docs", None), ("GET", "/openapi.json", None),
+                  ("GET", "/readyz", None), ("GET", "/metrics", None),
+                  ("POST", "/v1/images/generations", GENERATE)]
+COMFYUI_ROUTES = [("GET", "/", None), ("GET", "/api/system_stats", None), ("GET", "/api/models/diffusion_models", None),
+                  ("GET", "/api/queue", None), ("GET", "/api/history", None)]
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest) -> Stack:
+    return get_stack(request.config)
+
+
+def routes(stack: Stack) -> list[tuple[str, str, bytes | None]]:
+    return RUNTIME_ROUTES + (COMFYUI_ROUTES if stack.comfyui else [])
+
+
+def call(stack: Stack, route: tuple[str, str, bytes | None], token: str | None = None, **kw: object):
+    method, path, body = route
+    headers = {"Content-Type": "application/json"} if body else {}
+    return stack.request(path, token, method=method, body=body, headers=headers | kw.pop("headers", {}), **kw)
+
+
+def test_health_is_the_only_open_route(stack: Stack) -> None:
+    assert stack.request("/healthz").status == 200
+    for route in routes(stack):
+        for token in (None, "wrong-" + secrets.token_hex(16), stack.token[:-1]):
+            r = call(stack, route, token)
+            assert r.status == 401, (route, r.status, r.body[:200])
+            assert r.headers["www-authenticate"] == 'Bearer realm="fluxstack"'
+            assert "authentication required" in r.json()["error"]  # type: ignore[index]
+
+
+def test_every_route_serves_the_right_token(stack: Stack) -> None:
+    for route in routes(stack):
+        r = call(stack, route, stack.token)
+        assert r.status == 200, (route, r.status, r.body[:300])
+    png = call(stack, RUNTIME_ROUTES[-1], stack.token).body
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tiny-flux" in str(stack.request("/v1/models", stack.token).json())
+    docs = stack.request("/docs", stack.token).body.decode()
+    assert "/_gateway/swagger-ui/swagger-ui-bundle.js" in docs and "cdn.jsdelivr.net" not in docs
+    assert stack.request("/_gateway/swagger-ui/swagger-ui-bundle.js").status == 200
+
+
+def test_a_browser_gets_the_login_page_and_a_session_cookie(stack: Stack) -> None:
+    page = stack.request("/v1/models", headers={"Accept": "text/html"})
+    assert page.status == 401 and b"Access token" in page.body
+    assert stack.request("/login/session", "wrong-" + secrets.token_hex(16), method="POST").status == 401
+    login = stack.request("/login/session", stack.token, method="POST")
+    assert login.status == 204
+    cookie = login.headers["set-cookie"]
+    assert all(flag in cookie for flag in ("HttpOnly", "Secure", "SameSite=Strict"))
+    session = cookie.split(";")[0]
+    assert stack.token not in session  # the cookie is derived from the token, not the token
+    assert stack.request("/v1/models", headers={"Cookie": session}).status == 200
+    forged = session.split("=")[0] + "=" + secrets.token_hex(32)
+    assert stack.request("/v1/models", headers={"Cookie": forged}).status == 401
+    logout = stack.request("/logout")  # 303 to /login, followed
+    assert logout.status == 200 and b"Access token" in logout.body
+
+
+def test_the_cli_generates_through_the_gateway_over_verified_tls(stack: Stack, tmp_path: Path) -> None:
+    out = tmp_path / "cat.png"
+    args = ["generate", "a cat", "--url", stack.url, "--out", out, "--seed", "3", "--width", "64", "--height", "64",
+            "--steps", "2"]
+    refused = fluxstack(*args, env=cli_env(SSL_CERT_FILE=str(stack.ca)))
+    assert refused.returncode == 2 and "HTTP 401" in refused.stderr and "--token-file" in refused.stderr
+    untrusted = fluxstack(*args, env=cli_env(FLUXSTACK_TOKEN=stack.token, SSL_CERT_FILE="/dev/null"))
+    assert untrusted.returncode == 2 and "does not trust" in untrusted.stderr
+    # The token file the operator handed out (a user's copy: readable by the user).
+    mine = tmp_path / "token"
+    mine.write_text(stack.token + "\n")
+    mine.chmod(0o600)
+    done = fluxstack(*args, "--token-file", mine, env=cli_env(SSL_CERT_FILE=str(stack.ca)))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert stack.token not in done.stdout + done.stderr
+
+
+def test_tokens_and_sessions_never_reach_a_log(stack: Stack) -> None:
+    session = stack.request("/login/session", stack.token, method="POST").headers["set-cookie"].split(";")[0]
+    stack.request("/v1/models", headers={"Cookie": session})
+    stack.request("/v1/models", "wrong-" + secrets.token_hex(16))
+    logs = stack.logs()
+    assert '"GET /v1/models" 200' in logs and "auth=cookie" in logs and "auth=bearer" in logs  # logging works
+    assert stack.token not in logs
+    assert session.split("=", 1)[1] not in logs
+    assert "Authorization" not in logs and "Bearer " not in logs
+
+
+def test_body_size_and_generation_rate_are_limited(stack: Stack) -> None:
+    stack.restart_gateway(GATEWAY_MAX_BODY="1m", GATEWAY_GEN_RATE="6r/m", GATEWAY_GEN_BURST="3")
+    try:
+        big = json.dumps({"prompt": "x", "image": base64.b64encode(os.urandom(2 << 20)).decode()}).encode()
+        r = stack.request("/v1/images/generations", stack.token, method="POST", body=big,
+                          headers={"Content-Type": "application/json"})
+        assert r.status == 413
+        bad = json.dumps({"prompt": ""}).encode()  # refused by the runtime (422) without running the model
+        statuses = [stack.request("/v1/images/generations", stack.token, method="POST", body=bad,
+                                  headers={"Content-Type": "application/json"}).status for _ in range(8)]
+        assert statuses[:4] == [422] * 4 and 429 in statuses[4:], statuses
+        assert stack.request("/v1/models", stack.token).status == 200  # other routes are not rate-limited
+    finally:
+        stack.restart_gateway()
+
+
+def test_a_token_is_rotated_without_rebuilding_anything(stack: Stack) -> None:
+    image = subprocess.run([DOCKER, "inspect", "-f", "{{.Image}}", gateway_id(stack)], capture_output=True,
+                           text=True).stdout
+    old = stack.token
+    session = stack.request("/login/session", old, method="POST").headers["set-cookie"].split(";")[0]
+    new = secrets.token_urlsafe(32)
+    stack.token_file.chmod(0o600)
+    stack.token_file.write_text(f"# rotated {time.strftime('%F')}\n{new}\n")
+    stack.token_file.chmod(0o400)
+    stack.compose("restart", "gateway")
+    wait_healthy(stack)
+    assert stack.request("/v1/models", old).status == 401
+    assert stack.request("/v1/models", headers={"Cookie": session}).status == 401  # old sessions end too
+    assert stack.request("/v1/models", new).status == 200
+    assert subprocess.run([DOCKER, "inspect", "-f", "{{.Image}}", gateway_id(stack)], capture_output=True,
+                          text=True).stdout == image
+
+
+def test_a_token_file_the_gateway_cannot_read_stops_it_with_the_fix(stack: Stack, tmp_path: Path) -> None:
+    unreadable = tmp_path / "tokens"
+    unreadable.write_text(secrets.token_hex(32))
+    unreadable.chmod(0o600)  # owned by root, not the gateway's uid
+    run = subprocess.run([DOCKER, "run", "--rm", "-v", f"{unreadable}:/run/secrets/gateway_tokens:ro",
+                          "--tmpfs", "/var/lib/fluxstack-gateway:uid=10001", "fluxstack/gateway:dev"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert f"chown {GATEWAY_UID}" in run.stderr and "chmod 0400" in run.stderr
+    short = tmp_path / "short"
+    short.write_text("tooshort\n")
+    os.chown(short, GATEWAY_UID, GATEWAY_UID)
+    run = subprocess.run([DOCKER, "run", "--rm", "-v", f"{short}:/run/secrets/gateway_tokens:ro",
+                          "--tmpfs", "/var/lib/fluxstack-gateway:uid=10001", "fluxstack/gateway:dev"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "line 1" in run.stderr and "tooshort" not in run.stderr
+
+
+def gateway_id(stack: Stack) -> str:
+    return stack.compose("ps", "-q", "gateway").stdout.strip()
+
+
+def wait_healthy(stack: Stack) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if stack.request("/healthz").status == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the gateway did not come back"
+        time.sleep(1)
+
+
+def test_only_the_gateway_is_published_and_every_container_is_hardened(stack: Stack) -> None:
+    ids = stack.compose("ps", "-q").stdout.split()
+    info = json.loads(subprocess.run([DOCKER, "inspect", *ids], capture_output=True, text=True, check=True).stdout)
+    published = {c["Config"]["Labels"]["com.docker.compose.service"]: c["NetworkSettings"]["Ports"] for c in info}
+    for service, ports in published.items():
+        bound = [b for binds in (ports or {}).values() for b in (binds or [])]
+        if service == "gateway":
+            assert bound == [{"HostIp": "127.0.0.1", "HostPort": str(stack.port)}]
+        elif service != "mirror":  # the fleet cache serves other hosts' seeders by design (own token option)
+            assert bound == [], (service, bound)
+    for c in info:
+        service = c["Config"]["Labels"]["com.docker.compose.service"]
+        host = c["HostConfig"]
+        assert host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"], service
+        assert "no-new-privileges:true" in host["SecurityOpt"], service
+        uid = subprocess.run([DOCKER, "exec", c["Id"], "id", "-u"], capture_output=True, text=True).stdout.strip()
+        assert uid == "10001", service
+        if service in ("runtime", "comfyui"):
+            touch = subprocess.run([DOCKER, "exec", c["Id"], "touch", "/models/x"], capture_output=True, text=True)
+            assert "Read-only file system" in touch.stderr, service
+
+
+def test_doctor_reports_auth_on_and_private_token_files(stack: Stack, tmp_path: Path) -> None:
+    ok = fluxstack("doctor", "--json", "--gateway-port", str(stack.port), "--token-file", stack.token_file)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["auth"] == "on" and report["ok"]
+    assert {"address": "127.0.0.1", "port": stack.port, "loopback": True, "role": "gateway"}.items() <= \
+        next(s for s in report["listening"] if s["port"] == stack.port).items()
+    assert f"mode 0400, owner uid {GATEWAY_UID}" in ok.stdout
+    loose = tmp_path / "tokens"
+    loose.write_text(stack.token)
+    loose.chmod(0o644)
+    bad = fluxstack("doctor", "--gateway-port", str(stack.port), "--secret-file", str(loose))
+    assert bad.returncode == 1 and f"FAIL  secret {loose}: mode 0644" in bad.stdout
+    wrong = tmp_path / "wrong"
+    wrong.write_text("wrong-" + secrets.token_hex(16))
+    wrong.chmod(0o600)
+    stale = fluxstack("doctor", "--gateway-port", str(stack.port), "--token-file", str(wrong))
+    assert stale.returncode == 1 and "refused the one in the token file" in stale.stdout
+
+
+# -- ComfyUI through the gateway ------------------------------------------------------------------
+needs_comfyui = pytest.mark.skipif(not os.environ.get("COMFYUI_SRC"), reason=NO_COMFYUI)
+
+
+def websocket_first_message(stack: Stack, headers: dict[str, str]) -> tuple[str, bytes]:
+    """Open wss://…/ws by hand (RFC 6455 handshake) and read ComfyUI's first frame."""
+    context = stack.ssl_context()
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        lines = [f"GET /ws?clientId={secrets.token_hex(8)} HTTP/1.1", f"Host: 127.0.0.1:{stack.port}",
+                 "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
+                 "Sec-WebSocket-Version: 13", *(f"{k}: {v}" for k, v in headers.items())]
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            head += chunk
+        status_line, _, rest = head.partition(b"\r\n")
+        if b" 101 " not in status_line:
+            return status_line.decode(), b""
+        frame = rest.partition(b"\r\n\r\n")[2]
+        while len(frame) < 2:
+            frame += s.recv(4096)
+        length = frame[1] & 0x7F
+        offset = 2
+        if length == 126:
+            while len(frame) < 4:
+                frame += s.recv(4096)
+            length, offset = int.from_bytes(frame[2:4], "big"), 4
+        while len(frame) < offset + length:
+            frame += s.recv(4096)
+        return status_line.decode(), frame[offset:offset + length]
+
+
+@needs_comfyui
+def test_the_comfyui_websocket_works_through_the_gateway(stack: Stack) -> None:
+    assert " 401 " in websocket_first_message(stack, {})[0]
+    assert " 401 " in websocket_first_message(stack, {"Authorization": "Bearer wrong-" + secrets.token_hex(16)})[0]
+    status, message = websocket_first_message(stack, {"Authorization": f"Bearer {stack.token}"})
+    assert " 101 " in status
+    assert json.loads(message)["type"] == "status"
+    # A browser's WebSocket carries the session cookie, not a header.
+    session = stack.request("/login/session", stack.token, method="POST").headers["set-cookie"].split(";")[0]
+    status, message = websocket_first_message(stack, {"Cookie": session,
+                                                      "Origin": f"https://127.0.0.1:{stack.port}"})
+    assert " 101 " in status and json.loads(message)["type"] == "status"
+
+
+@needs_comfyui
+def test_fluxstack_comfy_run_works_through_the_gateway(stack: Stack, tmp_path: Path) -> None:
+    if fluxstack("comfy", "run", "--help").returncode:
+        pytest.skip("`fluxstack comfy run` is not in this checkout")
+    token = tmp_path / "token"
+    token.write_text(stack.token)
+    token.chmod(0o600)
+    env = cli_env(SSL_CERT_FILE=str(stack.ca))
+    run = fluxstack("comfy", "run", "flux-dev-txt2img", "--url", stack.url, "--token-file", token,
+                    "--out", tmp_path / "out", env=env, timeout=900)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    pngs = list((tmp_path / "out").rglob("*.png"))
+    assert pngs and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
