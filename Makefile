@@ -122,6 +122,35 @@ demo: venv ## Offline demo on CPU: tiny random FLUX model -> mirror -> seeder ->
 demo-down: ## Remove the demo containers and their volume
 	$(COMPOSE) -p fluxstack-demo --profile mirror down -v
 
+# Ansible (docs/ansible.md): HOST is a host or group of INVENTORY, or localhost (local connection).
+INVENTORY ?= ansible/inventory/hosts.yml
+ANSIBLE_ARGS ?=
+ANSIBLE := ANSIBLE_CONFIG=$(abspath ansible/ansible.cfg) $(abspath $(VENV))/bin/
+define need_host
+	@test -n "$(HOST)" || { echo "usage: make $@ HOST=gpu01 (a host or group of $(INVENTORY), or localhost)" >&2; exit 2; }
+	@test -e "$(INVENTORY)" || { echo "no inventory at $(INVENTORY): cp ansible/inventory/hosts.example.yml $(INVENTORY) and edit it (or pass INVENTORY=path)" >&2; exit 2; }
+endef
+
+.PHONY: deploy
+deploy: venv ## Provision HOST (host, group or localhost) with ansible/playbooks/site.yml
+	$(need_host)
+	$(ANSIBLE)ansible-playbook -i $(INVENTORY) ansible/playbooks/site.yml --limit '$(HOST)' $(ANSIBLE_ARGS)
+
+.PHONY: check
+check: venv ## Show what `make deploy HOST=…` would change (--check --diff), changing nothing
+	$(need_host)
+	$(ANSIBLE)ansible-playbook -i $(INVENTORY) ansible/playbooks/site.yml --limit '$(HOST)' --check --diff $(ANSIBLE_ARGS)
+
+.PHONY: verify
+verify: venv ## Verify HOST with testinfra (tests/host): Docker, services, store, token, GPU
+	$(need_host)
+	$(ANSIBLE)python tests/host/verify.py --inventory $(INVENTORY) --hosts '$(HOST)' $(VERIFY_ARGS)
+
+.PHONY: rollout
+rollout: venv ## Roll IMAGE (and/or MANIFEST) out to HOST (default group gpu) canary-first, health-gated
+	$(ANSIBLE)ansible-playbook -i $(INVENTORY) ansible/playbooks/rollout.yml --limit '$(or $(HOST),gpu)' \
+		$(if $(IMAGE),-e rollout_image=$(IMAGE)) $(if $(MANIFEST),-e rollout_manifest=$(MANIFEST)) $(ANSIBLE_ARGS)
+
 .PHONY: clean
 clean: ## Remove the virtualenv and caches
 	rm -rf $(VENV) $(OLAH_VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,58 @@
+"""testinfra checks of a deployed fluxstack host (`make verify HOST=gpu01`).
+
+They run against the Ansible inventory (`--hosts=ansible://gpu01 --ansible-inventory=…`) and read
+the pins from it (host.ansible.get_variables()), so they check what the playbook was told to do.
+Without --hosts (e.g. inside `make test`) they are skipped: they describe a host, not this checkout."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+DEFAULTS: dict[str, Any] = {
+    "fluxstack_root": "/opt/fluxstack", "fluxstack_store_dir": "/srv/fluxstack/models",
+    "fluxstack_config_dir": "/etc/fluxstack", "fluxstack_project": "fluxstack",
+    "fluxstack_services": ["runtime", "comfyui"], "fluxstack_manifest": "flux-dev-runtime",
+    "fluxstack_bind": "127.0.0.1", "fluxstack_runtime_port": 8000, "fluxstack_comfyui_port": 8188,
+    "fluxstack_image": "fluxstack/runtime:dev", "fluxstack_service_gid": 10001,
+    "nvidia_driver_install": "auto", "nvidia_driver_version": "", "nvidia_driver_packages": None,
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU on the host; skipped with the reason elsewhere")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("hosts", None):
+        return
+    skip = pytest.mark.skip(reason="host checks need a target: make verify HOST=gpu01 (testinfra --hosts=ansible://…)")
+    for item in items:
+        if "tests/host/" in str(item.fspath).replace("\\", "/"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def pins(host: Any) -> dict[str, Any]:
+    """The inventory's variables for this host, over the role defaults the checks rely on."""
+    found = host.ansible.get_variables() if host.backend.NAME in ("ansible", "ssh", "paramiko") or hasattr(
+        host, "ansible") else {}
+    merged = {**DEFAULTS, **{k: v for k, v in found.items() if k in DEFAULTS or k.startswith(("fluxstack_", "nvidia_"))}}
+    return merged
+
+
+def sh(host: Any, command: str) -> Any:
+    return host.run(command)
+
+
+def containers(host: Any, pins: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """service -> docker inspect of its container."""
+    out: dict[str, dict[str, Any]] = {}
+    for service in pins["fluxstack_services"]:
+        cid = host.check_output(f"docker ps -aq --filter label=com.docker.compose.project={pins['fluxstack_project']} "
+                                f"--filter label=com.docker.compose.service={service}").split()
+        if cid:
+            out[service] = json.loads(host.check_output(f"docker inspect {cid[0]}"))[0]
+    return out
