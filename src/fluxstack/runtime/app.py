@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.exceptions import HTTPException
 
 from fluxstack import __version__
 from fluxstack.runtime.engine import Engine, Job, NonFinite, OutOfMemory, random_seed
@@ -139,6 +140,12 @@ def create_app(engine: Engine, worker: Worker, store: Store, settings: Settings,
             errors.append({"field": field, "message": message})
         metrics.requests.labels(request.url.path, "422").inc()
         return JSONResponse({"error": "; ".join(e["message"] for e in errors), "errors": errors}, status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        # The framework's own refusals (an unparseable body, an unknown route) in the API's error shape,
+        # so every 4xx has an `error` a user can read (found by fuzzing through the gateway).
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict[str, str]:
