@@ -61,7 +61,9 @@ class Stack:
 
     @property
     def token(self) -> str:
-        return self.token_file.read_text().strip()
+        """The current token: the file's first line that is not a comment (it may have been rotated)."""
+        lines = [line.strip() for line in self.token_file.read_text().splitlines()]
+        return next(line for line in lines if line and not line.startswith("#"))
 
     def compose(self, *args: str, check: bool = True, timeout: float = 900,
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

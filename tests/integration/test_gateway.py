@@ -275,15 +275,26 @@ def test_the_comfyui_websocket_works_through_the_gateway(stack: Stack) -> None:
 
 @needs_comfyui
 def test_fluxstack_comfy_run_works_through_the_gateway(stack: Stack, tmp_path: Path) -> None:
+    """A whole `comfy run` (upload of the graph, queue, history, /api/view download) through the
+    gateway. The graph needs no model (the tiny store has none ComfyUI can load): ComfyUI paints an
+    image and saves it."""
     if fluxstack("comfy", "run", "--help").returncode:
         pytest.skip("`fluxstack comfy run` is not in this checkout")
+    graph = tmp_path / "red.json"
+    graph.write_text(json.dumps({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 1, "color": 0xFF0000}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "gateway"}}}))
     token = tmp_path / "token"
     token.write_text(stack.token)
     token.chmod(0o600)
-    env = cli_env(SSL_CERT_FILE=str(stack.ca))
-    run = fluxstack("comfy", "run", "flux-dev-txt2img", "--url", stack.url, "--token-file", token,
-                    "--out", tmp_path / "out", env=env, timeout=900)
+    args = ["comfy", "run", graph, "--url", stack.url, "--out", tmp_path / "out"]
+    refused = fluxstack(*args, env=cli_env(SSL_CERT_FILE=str(stack.ca)), timeout=300)
+    assert refused.returncode == 2 and "401" in refused.stderr
+    run = fluxstack(*args, "--token-file", token, env=cli_env(SSL_CERT_FILE=str(stack.ca)), timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    pngs = list((tmp_path / "out").rglob("*.png"))
-    assert pngs and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
 
+    pngs = list((tmp_path / "out").rglob("*.png"))
+    with Image.open(pngs[0]) as image:
+        assert image.size == (64, 48) and image.convert("RGB").getpixel((10, 10)) == (255, 0, 0)
+    assert stack.token not in run.stdout + run.stderr + stack.logs()
