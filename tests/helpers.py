@@ -13,10 +13,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
+DOCKER = os.environ.get("DOCKER", "docker")
+COMFYUI_SRC = os.environ.get("COMFYUI_SRC", "")
+COMFYUI_TAG = "fluxstack/comfyui:test"
+needs_comfyui_src = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC is not set: no ComfyUI source tree to "
+                                       "build from (GitHub is unreachable here; CI has none)")
+
+
+def make_comfyui_image(*extra: str) -> subprocess.CompletedProcess[str]:
+    """`make image-comfyui` from COMFYUI_SRC (COMFYUI_TREE overrides the pinned tree hash)."""
+    args = [f"COMFYUI_SRC={COMFYUI_SRC}", f"COMFYUI_IMAGE={COMFYUI_TAG}", f"DOCKER={DOCKER}"]
+    if os.environ.get("COMFYUI_TREE"):
+        args.append(f"COMFYUI_TREE={os.environ['COMFYUI_TREE']}")
+    return subprocess.run(["make", "image-comfyui", *args, *extra], cwd=REPO, capture_output=True, text=True,
+                          timeout=3000)
 
 
 def write_random(path: Path, size: int, seed: int) -> str:

@@ -17,28 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import COMFYUI_TAG as TAG
+from helpers import REPO, make_comfyui_image, needs_comfyui_src
 
 DOCKER = os.environ.get("DOCKER", "docker")
-SRC = os.environ.get("COMFYUI_SRC", "")
-TAG = "fluxstack/comfyui:test"
-needs_src = pytest.mark.skipif(not SRC, reason="COMFYUI_SRC is not set: no ComfyUI source tree to build from "
-                               "(GitHub is unreachable here; CI has none)")
-
-
-def make_image(*extra: str) -> subprocess.CompletedProcess[str]:
-    args = [f"COMFYUI_SRC={SRC}", f"COMFYUI_IMAGE={TAG}", f"DOCKER={DOCKER}"]
-    if os.environ.get("COMFYUI_TREE"):
-        args.append(f"COMFYUI_TREE={os.environ['COMFYUI_TREE']}")
-    return subprocess.run(["make", "image-comfyui", *args, *extra], cwd=REPO, capture_output=True, text=True,
-                          timeout=3000)
-
-
 @pytest.fixture(scope="module")
 def comfyui(seeded: tuple[Path, Path]) -> Iterator[str]:
     if shutil.which(DOCKER) is None:
         pytest.skip("no Docker engine")
-    build = make_image()
+    build = make_comfyui_image()
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     store, _ = seeded
     cid = subprocess.run([DOCKER, "run", "-d", "-p", "127.0.0.1::8188", "-v", f"{store}:/models:ro", TAG],
@@ -54,7 +41,7 @@ def get_json(url: str) -> object:
         return json.loads(response.read())
 
 
-@needs_src
+@needs_comfyui_src
 def test_comfyui_serves_the_store_read_only_as_non_root(comfyui: str) -> None:
     port = subprocess.run([DOCKER, "port", comfyui, "8188/tcp"], capture_output=True, text=True).stdout.split(":")[-1]
     url = f"http://127.0.0.1:{port.strip()}"
@@ -85,9 +72,9 @@ def test_comfyui_serves_the_store_read_only_as_non_root(comfyui: str) -> None:
     assert status == "healthy"
 
 
-@needs_src
+@needs_comfyui_src
 def test_a_source_tree_that_differs_from_the_pin_is_refused() -> None:
-    build = make_image("COMFYUI_TREE=" + "0" * 40)
+    build = make_comfyui_image("COMFYUI_TREE=" + "0" * 40)
     assert build.returncode != 0
     assert "not the pinned " + "0" * 40 in build.stdout + build.stderr
 

@@ -48,7 +48,7 @@ class ComfyClient:
         except urllib.error.HTTPError as err:
             if err.code in (401, 403):
                 raise UsageError(f"ComfyUI at {self.url} refused the request (HTTP {err.code}): "
-                                 "pass the gateway token with --token or FLUXSTACK_TOKEN") from None
+                                 "pass the gateway token with --token-file FILE or $FLUXSTACK_TOKEN") from None
             raise
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
@@ -121,6 +121,12 @@ class ComfyClient:
             time.sleep(poll)
         raise CheckFailed(f"the workflow did not finish within {timeout:.0f} s (prompt {prompt_id} is still "
                           "queued or running in ComfyUI); raise --timeout or check `docker compose logs comfyui`")
+
+    def cancel(self, prompt_id: str) -> None:
+        """Drop the prompt from the queue, or stop it if it runs (only this prompt, not someone else's)."""
+        for path, body in (("/api/queue", {"delete": [prompt_id]}), ("/api/interrupt", {"prompt_id": prompt_id})):
+            with self._open(path, json.dumps(body).encode(), {"Content-Type": "application/json"}):
+                pass
 
     def _queue_state(self, prompt_id: str) -> str:
         queue = self.get_json("/api/queue")

@@ -62,7 +62,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     manifest = workflow.manifest if workflow else None
     prompt_id = client.submit(graph, manifest)
     _say(f"submitted {args.workflow} as prompt {prompt_id} to {client.url}")
-    entry = client.wait(prompt_id, args.timeout, on_status=lambda s: _say(f"  {s}"))
+    try:
+        entry = client.wait(prompt_id, args.timeout, on_status=lambda s: _say(f"  {s}"))
+    except (CheckFailed, KeyboardInterrupt) as exc:
+        if not isinstance(exc, CheckFailed) or "did not finish" in str(exc):
+            client.cancel(prompt_id)  # a run we gave up on must not keep the GPU busy
+            _say(f"cancelled prompt {prompt_id} in ComfyUI")
+        raise
     files = [client.download(item, args.out) for item in outputs_of(entry)]
     if not files:
         raise CheckFailed("the workflow finished but produced no output image (does it end in a SaveImage node?)")
@@ -135,6 +141,16 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample_store(args: argparse.Namespace) -> int:
+    from fluxstack.comfy.sample_models import generate
+
+    manifests = generate(args.out, seed=args.seed)
+    _say(f"random-weight models in {args.out / 'store'}; their manifests in {manifests} — seed or serve them with "
+         f"`fluxstack --manifests-dir {manifests} …` (images will be noise: this proves plumbing, not FLUX)")
+    print(manifests)
+    return 0
+
+
 def add_parser(sub: Any, default_models_dir: Path) -> None:
     comfy = sub.add_parser("comfy", help="run the shipped ComfyUI workflows and check ComfyUI's readiness")
     csub = comfy.add_subparsers(dest="comfy_command", required=True, metavar="ACTION")
@@ -142,7 +158,8 @@ def add_parser(sub: Any, default_models_dir: Path) -> None:
     def server_args(p: argparse.ArgumentParser, url: str | None = DEFAULT_URL) -> None:
         p.add_argument("--url", default=os.environ.get("FLUXSTACK_COMFY_URL", url),
                        help=f"ComfyUI (or the gateway in front of it); default $FLUXSTACK_COMFY_URL or {url}")
-        p.add_argument("--token-file", type=Path, help=f"file with the gateway's bearer token (else ${TOKEN_ENV})")
+        p.add_argument("--token-file", type=Path, default=os.environ.get("FLUXSTACK_TOKEN_FILE"),
+                       help=f"file with the gateway's bearer token (default $FLUXSTACK_TOKEN_FILE, else ${TOKEN_ENV})")
 
     p = csub.add_parser("run", help="submit a workflow, wait for it and download its images")
     p.add_argument("workflow", help="a shipped workflow name (see workflows/index.yaml) or an API-format .json")
@@ -166,6 +183,12 @@ def add_parser(sub: Any, default_models_dir: Path) -> None:
     p = csub.add_parser("check", help="every model file a workflow loads is in the manifest it names")
     p.add_argument("workflow", nargs="*")
     p.set_defaults(func=cmd_check)
+
+    p = csub.add_parser("sample-store", help="write random-weight models ComfyUI loads, named like the shipped "
+                        "manifests' files (~7 GB), to smoke-test a deployment offline")
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sample_store)
 
     p = csub.add_parser("ui", help="write a workflow's UI-format file from a running ComfyUI's node definitions")
     p.add_argument("workflow")

@@ -102,7 +102,9 @@ def clip_l_shapes() -> Shapes:
 def siglip_shapes() -> Shapes:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    return module_shapes(lambda: SiglipVisionModel(SiglipVisionConfig(**SIGLIP_384)))
+    shapes = module_shapes(lambda: SiglipVisionModel(SiglipVisionConfig(**SIGLIP_384)))
+    # ComfyUI detects SigLIP by "vision_model."-prefixed keys; newer transformers drop the prefix.
+    return {k if k.startswith("vision_model.") else f"vision_model.{k}": v for k, v in shapes.items()}
 
 
 def vae_shapes() -> Shapes:
