@@ -298,3 +298,46 @@ def test_fluxstack_comfy_run_works_through_the_gateway(stack: Stack, tmp_path: P
     with Image.open(pngs[0]) as image:
         assert image.size == (64, 48) and image.convert("RGB").getpixel((10, 10)) == (255, 0, 0)
     assert stack.token not in run.stdout + run.stderr + stack.logs()
+
+
+@needs_comfyui
+def test_comfyui_has_no_node_installer_and_cannot_change_its_code(stack: Stack) -> None:
+    cid = stack.compose("ps", "-q", "comfyui").stdout.strip()
+
+    def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([DOCKER, "exec", cid, *cmd], capture_output=True, text=True)
+
+    assert run("python3", "-c", "import comfyui_manager").returncode != 0  # the installer is not in the image
+    assert "--enable-manager" not in run("cat", "/proc/1/cmdline").stdout
+    touch = run("touch", "/opt/comfyui/custom_nodes/x.py")
+    assert touch.returncode != 0  # no node can be dropped in either
+
+
+@needs_comfyui
+def test_comfyui_outputs_are_pruned_by_age_and_size(stack: Stack, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "output").mkdir(parents=True)
+    old, older, newer = data / "output" / "old.png", data / "output" / "a.bin", data / "output" / "b.bin"
+    old.write_bytes(b"x")
+    older.write_bytes(os.urandom(1536 << 10))
+    newer.write_bytes(os.urandom(1536 << 10))
+    now = time.time()
+    os.utime(old, (now - 10 * 86400, now - 10 * 86400))
+    os.utime(older, (now - 3600, now - 3600))
+    for path in (data, data / "output", old, older, newer):
+        os.chown(path, GATEWAY_UID, GATEWAY_UID)
+    cid = subprocess.run([DOCKER, "run", "-d", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+                          "--security-opt", "no-new-privileges:true", "-v", f"{data}:/data",
+                          "-e", "COMFYUI_OUTPUT_MAX_AGE_DAYS=7", "-e", "COMFYUI_OUTPUT_MAX_MB=2",
+                          "-e", "COMFYUI_PRUNE_INTERVAL=1", "fluxstack/comfyui:test"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        deadline = time.monotonic() + 60
+        while (old.exists() or older.exists()) and time.monotonic() < deadline:
+            time.sleep(1)
+        logs = subprocess.run([DOCKER, "logs", cid], capture_output=True, text=True)
+        assert not old.exists() and not older.exists() and newer.exists(), logs.stdout[-2000:] + logs.stderr[-2000:]
+        assert "pruned (age) /data/output/old.png" in logs.stdout
+        assert "pruned (over 2 MB) /data/output/a.bin" in logs.stdout
+    finally:
+        subprocess.run([DOCKER, "rm", "-f", cid], capture_output=True)
