@@ -106,3 +106,20 @@ def test_a_failed_seed_keeps_the_runtime_down_with_the_reason_visible(tmp_path: 
         assert status == "created"  # never started
     finally:
         compose(*project, "down", "-v", env=env, check=False)
+
+
+@pytest.mark.parametrize(("override", "env", "expected"), [
+    ("compose/gpu.yaml", {"GPU_COUNT": "2"}, {"runtime": {"count": 2}, "comfyui": {"count": 2}}),
+    ("compose/gpu-ids.yaml", {"RUNTIME_GPU": "1", "COMFYUI_GPU": "0"},
+     {"runtime": {"device_ids": ["1"]}, "comfyui": {"device_ids": ["0"]}}),
+])
+def test_gpu_overrides_reserve_nvidia_devices(override: str, env: dict[str, str], expected: dict) -> None:
+    """What compose hands the engine (the NVIDIA request itself needs a GPU host: tests/host checks it)."""
+    if shutil.which(DOCKER) is None or subprocess.run([DOCKER, "compose", "version"], capture_output=True).returncode:
+        pytest.skip("no Docker engine with the compose plugin (.ci/run installs both)")
+    rendered = json.loads(compose("-f", "compose.yaml", "-f", override, "config", "--format", "json", env=env).stdout)
+    for service, fields in expected.items():
+        (device,) = rendered["services"][service]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert {k: device.get(k) for k in fields} == fields
+    assert "deploy" not in rendered["services"]["seeder"]  # the seeder never holds a GPU
