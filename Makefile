@@ -144,7 +144,7 @@ check: venv ## Show what `make deploy HOST=…` would change (--check --diff), c
 .PHONY: verify
 verify: venv ## Verify HOST with testinfra (tests/host): Docker, services, store, token, GPU
 	$(need_host)
-	$(ANSIBLE)python tests/host/verify.py --inventory $(INVENTORY) --hosts '$(HOST)' $(VERIFY_ARGS)
+	@$(ANSIBLE)python tests/host/verify.py --inventory $(INVENTORY) --hosts '$(HOST)' $(VERIFY_ARGS)
 
 .PHONY: rollout
 rollout: venv ## Roll IMAGE (and/or MANIFEST) out to HOST (default group gpu) canary-first, health-gated

@@ -7,6 +7,7 @@ import shlex
 from typing import Any
 
 import pytest
+
 from conftest import containers
 
 
