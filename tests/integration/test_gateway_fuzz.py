@@ -18,8 +18,8 @@ from hypothesis.errors import Unsatisfiable
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (requirements/dev.txt)")
 from schemathesis import GenerationMode  # noqa: E402  (after the importorskip above)
 
-# Per operation and mode: about a minute for both modes on a 2-core machine (the tiny model on CPU).
-MAX_EXAMPLES = 100
+# Per operation and mode: under a minute for both modes on an idle 2-core machine (tiny model, CPU).
+MAX_EXAMPLES = 50
 
 
 @pytest.fixture(scope="module")
