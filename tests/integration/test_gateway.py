@@ -11,12 +11,13 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from gateway_stack import DOCKER, GATEWAY_UID, NO_COMFYUI, Stack, get_stack
+from gateway_stack import DOCKER, GATEWAY_UID, NO_COMFYUI, Stack, free_port, get_stack
 
 from helpers import cli_env, fluxstack
 
@@ -220,6 +221,56 @@ def test_doctor_reports_auth_on_and_private_token_files(stack: Stack, tmp_path: 
     wrong.chmod(0o600)
     stale = fluxstack("doctor", "--gateway-port", str(stack.port), "--token-file", str(wrong))
     assert stale.returncode == 1 and "refused the one in the token file" in stale.stdout
+
+
+
+def test_doctor_fails_a_service_port_open_to_the_network(stack: Stack) -> None:
+    with socket.socket() as exposed:  # what `FLUXSTACK_BIND=0.0.0.0` without the gateway looks like
+        exposed.bind(("0.0.0.0", 0))
+        exposed.listen()
+        port = exposed.getsockname()[1]
+        report = fluxstack("doctor", "--gateway-port", str(stack.port), "--runtime-port", str(port),
+                           "--secret-file", str(stack.token_file))
+    assert report.returncode == 1
+    assert f"FAIL  listen 0.0.0.0:{port} (runtime): a fluxstack service reachable from the network without " \
+           "authentication" in report.stdout
+
+
+def test_the_operators_certificate_is_served_when_given(stack: Stack, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-days", "2", "-subj", "/CN=gpu07.example.org", "-addext", "subjectAltName=DNS:gpu07.example.org",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    tokens = tmp_path / "tokens"
+    tokens.write_text(secrets.token_hex(32))
+    for path in (tokens, key):
+        os.chown(path, GATEWAY_UID, GATEWAY_UID)
+        path.chmod(0o400)
+    port = free_port()
+    cid = subprocess.run([DOCKER, "run", "-d", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+                          "--tmpfs", "/var/lib/fluxstack-gateway:uid=10001", "-p", f"127.0.0.1:{port}:8443",
+                          "-v", f"{tokens}:/run/secrets/gateway_tokens:ro",
+                          "-v", f"{cert}:/run/secrets/gateway_tls_cert:ro",
+                          "-v", f"{key}:/run/secrets/gateway_tls_key:ro", "fluxstack/gateway:dev"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        context = ssl.create_default_context(cafile=str(cert))
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                        context.wrap_socket(raw, server_hostname="gpu07.example.org") as tls:
+                    served = ssl.DER_cert_to_PEM_cert(tls.getpeercert(binary_form=True))
+                break
+            except (OSError, ssl.SSLError):
+                assert time.monotonic() < deadline, subprocess.run([DOCKER, "logs", cid], capture_output=True,
+                                                                   text=True).stderr
+                time.sleep(0.5)
+        assert served.split() == cert.read_text().split()
+        logs = subprocess.run([DOCKER, "logs", cid], capture_output=True, text=True).stderr
+        assert "TLS: operator certificate subject=CN=gpu07.example.org" in logs
+    finally:
+        subprocess.run([DOCKER, "rm", "-f", cid], capture_output=True)
 
 
 # -- ComfyUI through the gateway ------------------------------------------------------------------
