@@ -7,6 +7,7 @@ Without --hosts (e.g. inside `make test`) they are skipped: they describe a host
 from __future__ import annotations
 
 import json
+import subprocess
 from typing import Any
 
 import pytest
@@ -35,16 +36,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="module")
-def pins(host: Any) -> dict[str, Any]:
+def pins(host: Any, request: pytest.FixtureRequest) -> dict[str, Any]:
     """The inventory's variables for this host, over the role defaults the checks rely on."""
-    found = host.ansible.get_variables() if host.backend.NAME in ("ansible", "ssh", "paramiko") or hasattr(
-        host, "ansible") else {}
-    merged = {**DEFAULTS, **{k: v for k, v in found.items() if k in DEFAULTS or k.startswith(("fluxstack_", "nvidia_"))}}
-    return merged
+    found = host.ansible.get_variables() if host.backend.NAME == "ansible" else inventory_variables(request)
+    ours = {k: v for k, v in found.items() if k in DEFAULTS or k.startswith(("fluxstack_", "nvidia_"))}
+    return {**DEFAULTS, **ours}
 
 
-def sh(host: Any, command: str) -> Any:
-    return host.run(command)
+def inventory_variables(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The inventory's variables for a host testinfra reaches without Ansible (ansible_connection: local)."""
+    inventory = request.config.getoption("ansible_inventory", None)
+    spec = request.node.nodeid.partition("[")[2].rstrip("]")  # e.g. local://localhost? or ansible://gpu01
+    name = spec.partition("://")[2] or "localhost"
+    if not inventory:
+        return {}
+    done = subprocess.run(["ansible-inventory", "-i", inventory, "--host", name], capture_output=True, text=True)
+    return json.loads(done.stdout) if done.returncode == 0 else {}
 
 
 def containers(host: Any, pins: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -36,7 +36,8 @@ def test_runtime_answers_ready(host: Any, pins: dict[str, Any]) -> None:
     if "runtime" not in pins["fluxstack_services"]:
         pytest.skip("the runtime is not among fluxstack_services")
     url = f"http://127.0.0.1:{pins['fluxstack_runtime_port']}/readyz"
-    code = host.run(f"python3 -c {shlex.quote(f'import urllib.request as u; print(u.urlopen({url!r}, timeout=10).status)')}")
+    probe = f"import urllib.request as u; print(u.urlopen({url!r}, timeout=10).status)"
+    code = host.run(f"python3 -c {shlex.quote(probe)}")
     assert code.rc == 0 and code.stdout.strip() == "200", f"GET {url}: {code.stdout}{code.stderr}"
 
 

@@ -10,6 +10,7 @@ Exit codes: 0 every check passed (skips allowed), 1 a check failed, 2 usage or e
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -75,7 +76,7 @@ def main() -> int:
                    "--rootdir", str(HERE), "-c", os.devnull]
     if args.markers:
         pytest_args += ["-m", args.markers]
-    with open(os.devnull, "w") as quiet, _redirect(quiet):
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         code = pytest.main(pytest_args, plugins=[collector])
 
     unreachable = [r for r in collector.results if r["outcome"] == "error"
@@ -95,21 +96,6 @@ def main() -> int:
     if code in (0, 5) and not failed:
         return 0 if collector.results else 2
     return 1 if failed else 2
-
-
-class _redirect:
-    """Send pytest's own terminal output to a sink: this script prints its own lines."""
-
-    def __init__(self, sink: Any) -> None:
-        self.sink = sink
-
-    def __enter__(self) -> None:
-        self.saved = sys.stdout
-        sys.stdout = self.sink
-
-    def __exit__(self, *exc: object) -> None:
-        sys.stdout = self.saved
-
 
 if __name__ == "__main__":
     sys.exit(main())

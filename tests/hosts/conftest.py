@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-import harness  # noqa: E402
+import harness
 
 REPO = harness.REPO
 IMAGE = os.environ.get("FXS_HOST_RUNTIME_IMAGE", "fluxstack/runtime:dev")
@@ -118,7 +118,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             time.sleep(0.1)
     settings = {
         # The test hosts are small, have no GPU and run the runtime only (ComfyUI cannot be built here).
-        "preflight_min_ram_gb": 1, "preflight_min_free_disk_gb": 2, "preflight_require_gpu": False,
+        "preflight_min_ram_gb": 1, "preflight_min_free_disk_gb": 2, "preflight_disk_margin_gb": 1,
+        "preflight_require_gpu": False,
         "fluxstack_services": ["runtime"], "fluxstack_manifest": "tiny-flux", "fluxstack_profile": "cpu",
         "fluxstack_space_margin": "0", "fluxstack_hf_endpoint": f"http://{gateway}:{port}",
         "fluxstack_hf_token": TOKEN, "fluxstack_image_source": "load",

@@ -29,12 +29,13 @@ def play(tmp_path: Path, role: str, tasks: str, **extra: object) -> tuple[subpro
     if not ANSIBLE_PLAYBOOK.exists():
         pytest.skip(f"{ANSIBLE_PLAYBOOK} missing (make venv installs ansible-core)")
     result = tmp_path / "result.json"
-    variables = {"ansible_python_interpreter": sys.executable, "role_under_test": role, "tasks_under_test": tasks, "result_file": str(result),
+    variables = {"ansible_python_interpreter": sys.executable, "role_under_test": role, "tasks_under_test": tasks,
+                 "result_file": str(result),
                  "nvidia_driver_version": PIN, "nvidia_driver_sys_version_file": str(tmp_path / "no-sys"),
                  "nvidia_driver_proc_version_file": str(tmp_path / "no-proc"), **extra}
     (tmp_path / "vars.json").write_text(json.dumps(variables))
-    done = subprocess.run([str(ANSIBLE_PLAYBOOK), "-i", "localhost,", str(PLAYBOOK), "-e", f"@{tmp_path / 'vars.json'}"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO,
+    command = [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", str(PLAYBOOK), "-e", f"@{tmp_path / 'vars.json'}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible/ansible.cfg"),
                                "ANSIBLE_NOCOLOR": "1"})
     return done, (json.loads(result.read_text()) if result.exists() else {})

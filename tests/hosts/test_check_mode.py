@@ -1,0 +1,61 @@
+"""`--check` of the NVIDIA driver and toolkit roles, forced on as on a GPU host, on a bare test host
+of each Debian release built here (13 trixie, 12 bookworm): the plan runs end to end and changes
+nothing. The GPU itself is given as a variable (fluxstack_gpu_present): there is none here.
+NVIDIA's repositories are unreachable here, so the plan stops where apt would need them: on a bare
+host python3-debian (deb822_repository's library) is missing, and the role reports the
+repository and packages as what it would add."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+
+import harness
+import pytest
+
+from conftest import recap
+
+SUITES = {"trixie": "fxs-host-ck-trixie", "bookworm": "fxs-host-ck-bookworm"}
+FORCED = {"fluxstack_gpu_present": True, "nvidia_driver_install": True, "nvidia_container_toolkit_install": True,
+          "preflight_mode": "warn"}
+LIST_CONFIG = "ls /etc/apt/sources.list.d /etc/apt/apt.conf.d; ls /etc/modprobe.d 2>&1; true"
+
+
+@pytest.fixture(scope="module", params=sorted(SUITES))
+def bare_host(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    if shutil.which(harness.DOCKER) is None or subprocess.run([harness.DOCKER, "info"], capture_output=True).returncode:
+        pytest.skip("no Docker engine (.ci/run installs and starts one)")
+    suite = request.param
+    name = SUITES[suite]
+    harness.build_image(suite)
+    harness.network()
+    ip = harness.start_host(name, suite)
+    inventory = harness.inventory({name: ip}, tmp_path_factory.mktemp(f"ck-{suite}") / "hosts.yml")
+    try:
+        yield name, str(inventory)
+    finally:
+        if not os.environ.get("FXS_HOST_KEEP"):
+            harness.remove_hosts([name])
+
+
+def test_driver_and_toolkit_roles_plan_in_check_mode_and_change_nothing(bare_host: tuple[str, str]) -> None:
+    name, inventory = bare_host
+    before = harness.docker("exec", name, "sh", "-c", LIST_CONFIG)
+    done = subprocess.run(["make", "check", f"HOST={name}", f"INVENTORY={inventory}",
+                           f"ANSIBLE_ARGS=--tags preflight,nvidia -e '{json.dumps(FORCED)}'"],
+                          cwd=harness.REPO, capture_output=True, text=True, timeout=900)
+    out = done.stdout
+    assert done.returncode == 0, (out + done.stderr)[-5000:]
+    counts = recap(out)[name]
+    assert counts["failed"] == 0 and counts["changed"] > 0  # the plan has work in it
+    flat = " ".join(out.split())
+    for planned in ("Install what deb822_repository needs (python3-debian)",
+                    "Keep unattended-upgrades away from the driver", "Blacklist nouveau",
+                    "Reboot into the pinned driver"):
+        assert f"{planned}] " in flat or planned in flat, planned
+    assert "reboot needed: no NVIDIA kernel module is loaded" in flat
+    after = harness.docker("exec", name, "sh", "-c", LIST_CONFIG)
+    assert before == after  # --check wrote nothing
