@@ -67,6 +67,14 @@ def test_every_route_serves_the_right_token(stack: Stack) -> None:
     assert stack.request("/_gateway/swagger-ui/swagger-ui-bundle.js").status == 200
 
 
+def test_a_service_that_is_not_deployed_is_a_clear_502(stack: Stack) -> None:
+    if stack.comfyui:
+        pytest.skip("ComfyUI is deployed in this run")
+    r = stack.request("/api/system_stats", stack.token)
+    assert r.status == 502 and "not answering" in r.json()["error"]  # type: ignore[index]
+    assert stack.request("/v1/models", stack.token).status == 200  # the runtime is unaffected
+
+
 def test_a_browser_gets_the_login_page_and_a_session_cookie(stack: Stack) -> None:
     page = stack.request("/v1/models", headers={"Accept": "text/html"})
     assert page.status == 401 and b"Access token" in page.body
@@ -119,11 +127,14 @@ def test_body_size_and_generation_rate_are_limited(stack: Stack) -> None:
         big = json.dumps({"prompt": "x", "image": base64.b64encode(os.urandom(2 << 20)).decode()}).encode()
         r = stack.request("/v1/images/generations", stack.token, method="POST", body=big,
                           headers={"Content-Type": "application/json"})
-        assert r.status == 413
+        assert r.status == 413 and "GATEWAY_MAX_BODY" in r.json()["error"]  # type: ignore[index]
         bad = json.dumps({"prompt": ""}).encode()  # refused by the runtime (422) without running the model
         statuses = [stack.request("/v1/images/generations", stack.token, method="POST", body=bad,
                                   headers={"Content-Type": "application/json"}).status for _ in range(8)]
         assert statuses[:4] == [422] * 4 and 429 in statuses[4:], statuses
+        limited = stack.request("/v1/images/generations", stack.token, method="POST", body=bad,
+                                headers={"Content-Type": "application/json"})
+        assert limited.status == 429 and "too many generation requests" in limited.json()["error"]  # type: ignore[index]
         assert stack.request("/v1/models", stack.token).status == 200  # other routes are not rate-limited
     finally:
         stack.restart_gateway()
