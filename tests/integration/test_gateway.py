@@ -288,37 +288,63 @@ def test_the_operators_certificate_is_served_when_given(stack: Stack, tmp_path: 
 needs_comfyui = pytest.mark.skipif(not os.environ.get("COMFYUI_SRC"), reason=NO_COMFYUI)
 
 
-def websocket_first_message(stack: Stack, headers: dict[str, str]) -> tuple[str, bytes]:
-    """Open wss://…/ws by hand (RFC 6455 handshake) and read ComfyUI's first frame."""
-    context = stack.ssl_context()
-    key = base64.b64encode(os.urandom(16)).decode()
-    with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as raw, \
-            context.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-        lines = [f"GET /ws?clientId={secrets.token_hex(8)} HTTP/1.1", f"Host: 127.0.0.1:{stack.port}",
+class WebSocket:
+    """wss://…/ws by hand (RFC 6455: handshake, then the server's unmasked text frames)."""
+
+    def __init__(self, stack: Stack, headers: dict[str, str]) -> None:
+        raw = socket.create_connection(("127.0.0.1", stack.port), timeout=30)
+        self.sock = stack.ssl_context().wrap_socket(raw, server_hostname="127.0.0.1")
+        self.client_id = secrets.token_hex(8)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [f"GET /ws?clientId={self.client_id} HTTP/1.1", f"Host: 127.0.0.1:{stack.port}",
                  "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}",
                  "Sec-WebSocket-Version: 13", *(f"{k}: {v}" for k, v in headers.items())]
-        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         head = b""
         while b"\r\n\r\n" not in head:
-            chunk = s.recv(4096)
+            chunk = self.sock.recv(4096)
             if not chunk:
                 break
             head += chunk
         status_line, _, rest = head.partition(b"\r\n")
-        if b" 101 " not in status_line:
-            return status_line.decode(), b""
-        frame = rest.partition(b"\r\n\r\n")[2]
-        while len(frame) < 2:
-            frame += s.recv(4096)
-        length = frame[1] & 0x7F
-        offset = 2
-        if length == 126:
-            while len(frame) < 4:
-                frame += s.recv(4096)
-            length, offset = int.from_bytes(frame[2:4], "big"), 4
-        while len(frame) < offset + length:
-            frame += s.recv(4096)
-        return status_line.decode(), frame[offset:offset + length]
+        self.status = status_line.decode()
+        self.buffer = rest.partition(b"\r\n\r\n")[2]
+
+    def _need(self, n: int) -> None:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("the WebSocket was closed")
+            self.buffer += chunk
+
+    def message(self) -> dict[str, object]:
+        """The next text message (binary previews are skipped)."""
+        while True:
+            self._need(2)
+            opcode, length, offset = self.buffer[0] & 0x0F, self.buffer[1] & 0x7F, 2
+            if length == 126:
+                self._need(4)
+                length, offset = int.from_bytes(self.buffer[2:4], "big"), 4
+            elif length == 127:
+                self._need(10)
+                length, offset = int.from_bytes(self.buffer[2:10], "big"), 10
+            self._need(offset + length)
+            payload, self.buffer = self.buffer[offset:offset + length], self.buffer[offset + length:]
+            if opcode == 8:
+                raise ConnectionError("the WebSocket was closed")
+            if opcode == 1:
+                return json.loads(payload)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def websocket_first_message(stack: Stack, headers: dict[str, str]) -> tuple[str, bytes]:
+    ws = WebSocket(stack, headers)
+    try:
+        return ws.status, (json.dumps(ws.message()).encode() if " 101 " in ws.status else b"")
+    finally:
+        ws.close()
 
 
 @needs_comfyui
@@ -403,3 +429,27 @@ def test_comfyui_outputs_are_pruned_by_age_and_size(stack: Stack, tmp_path: Path
         assert "pruned (over 2 MB) /data/output/a.bin" in logs.stdout
     finally:
         subprocess.run([DOCKER, "rm", "-f", cid], capture_output=True)
+
+
+@needs_comfyui
+def test_an_idle_websocket_outlives_ordinary_proxy_timeouts(stack: Stack) -> None:
+    """A browser tab watching a long FLUX run may hear nothing for minutes: silence longer than
+    nginx's default 60 s must not cut the WebSocket. After 75 s idle it still carries progress."""
+    ws = WebSocket(stack, {"Authorization": f"Bearer {stack.token}"})
+    try:
+        assert " 101 " in ws.status and ws.message()["type"] == "status"
+        time.sleep(75)
+        graph = {"1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1,
+                                                                "color": 0}},
+                 "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+        body = json.dumps({"prompt": graph, "client_id": ws.client_id}).encode()
+        queued = stack.request("/api/prompt", stack.token, method="POST", body=body,
+                               headers={"Content-Type": "application/json"})
+        assert queued.status == 200, queued.body
+        prompt_id = queued.json()["prompt_id"]  # type: ignore[index]
+        seen = []
+        while not any(m.get("type") == "executing" and m.get("data", {}).get("node") is None for m in seen):
+            seen.append(ws.message())
+        assert any(m.get("data", {}).get("prompt_id") == prompt_id for m in seen)
+    finally:
+        ws.close()
