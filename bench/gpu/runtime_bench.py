@@ -60,14 +60,19 @@ def save(tensors: dict, path: Path) -> float:
     return time.perf_counter() - t
 
 
+def store_paths(work: Path, schnell: bool) -> dict[str, Path]:
+    """Where make_store puts each role's file (the cold-start benchmark reads them without writing)."""
+    name = "schnell" if schnell else "dev"
+    return {"transformer": work / f"diffusion_models/flux1-{name}.safetensors", "vae": work / "vae/ae.safetensors",
+            "clip": work / "text_encoders/clip_l.safetensors", "t5": work / "text_encoders/t5xxl_fp16.safetensors",
+            "config": work / f"configs/{name}", "tokenizers": work / "tokenizers/flux"}
+
+
 def make_store(work: Path, schnell: bool) -> dict[str, Path]:
     from diffusers import AutoencoderKL
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    name = "schnell" if schnell else "dev"
-    paths = {"transformer": work / f"diffusion_models/flux1-{name}.safetensors", "vae": work / "vae/ae.safetensors",
-             "clip": work / "text_encoders/clip_l.safetensors", "t5": work / "text_encoders/t5xxl_fp16.safetensors",
-             "config": work / f"configs/{name}", "tokenizers": work / "tokenizers/flux"}
+    paths = store_paths(work, schnell)
     write_configs(paths["config"], {**DEV_TRANSFORMER, "guidance_embeds": not schnell},
                   SCHNELL_SCHEDULER if schnell else DEV_SCHEDULER)
     if not paths["tokenizers"].exists():

@@ -214,9 +214,14 @@ def cmd_mirror_serve(args: argparse.Namespace) -> int:
 
 # -- runtime -------------------------------------------------------------------------
 def cmd_runtime_serve(args: argparse.Namespace) -> int:
+    from fluxstack.runtime.engine import choose_profile
+    from fluxstack.runtime.perf import choose_perf
     from fluxstack.runtime.variants import load_variant
     from fluxstack.store import Store
 
+    # Refuse an unknown or impossible memory profile / performance mode first (exit 2), not in /readyz.
+    profile, device = choose_profile(args.profile, args.gpu_memory_limit)
+    perf, why = choose_perf(args.perf, profile, device)
     store = Store(args.models_dir)
     names = args.manifest or [os.environ.get("FLUXSTACK_RUNTIME_MANIFEST", "flux-dev-runtime")]
     variants = [load_variant(store, name) for name in names]  # refuses to start when the store is not ready
@@ -229,9 +234,11 @@ def cmd_runtime_serve(args: argparse.Namespace) -> int:
 
     settings = Settings(queue_size=args.queue_size, timeout=args.timeout, max_pixels=args.max_pixels)
     metrics = Metrics()
-    engine = Engine(variants, store.root / "loras", args.profile, args.gpu_memory_limit)
+    engine = Engine(variants, store.root / "loras", args.profile, args.gpu_memory_limit, perf=args.perf,
+                    compile_cache=args.compile_cache)
     worker = Worker(engine, settings.queue_size, settings.timeout, metrics)
     app = create_app(engine, worker, store, settings, metrics)
+    _say(f"runtime: memory profile {profile} on {device}, performance mode {perf} ({why})")
     _say(f"runtime: serving {', '.join(v.name for v in variants)} from {store.root} on http://{args.host}:{args.port}")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
@@ -390,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--profile", default=os.environ.get("FLUXSTACK_PROFILE", "auto"),
                    help="memory profile: auto, full, fp8, model-offload, sequential-offload, cpu (default auto)")
+    p.add_argument("--perf", default=os.environ.get("FLUXSTACK_PERF", "auto"),
+                   help="performance mode: auto, exact, bf16, fp8, fast (default $FLUXSTACK_PERF, else auto: the "
+                   "fastest mode this GPU runs within its error bound; docs/performance.md)")
+    p.add_argument("--compile-cache", type=Path, default=None,
+                   help="folder for compiled kernels, kept across restarts (default $FLUXSTACK_COMPILE_CACHE, "
+                   "else ~/.cache/fluxstack/torch-compile)")
     p.add_argument("--queue-size", type=_positive, default=8, help="requests waiting for the GPU (default 8)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait in the queue")
     p.add_argument("--max-pixels", type=_positive, default=2048 * 2048, help="largest width x height accepted")

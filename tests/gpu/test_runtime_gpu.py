@@ -69,18 +69,17 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def test_oom_answers_503_frees_memory_and_the_next_request_runs(store: tuple[Path, Path]) -> None:
-    root, manifest = store
-    port = 18000
+def serve(root: Path, manifest: Path, port: int, *args: str) -> tuple[subprocess.Popen[str], str, dict]:
+    """Start `fluxstack runtime serve` and wait (up to 300 s) until /readyz says ready."""
     proc = subprocess.Popen([sys.executable, "-m", "fluxstack", "runtime", "serve", "--models-dir", str(root),
-                             "--manifest", str(manifest), "--port", str(port), "--gpu-memory-limit", "36GiB"],
+                             "--manifest", str(manifest), "--port", str(port), *args],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log: list[str] = []
     threading.Thread(target=lambda: log.extend(proc.stdout or []), daemon=True).start()
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    ready: dict = {}
     try:
-        deadline = time.monotonic() + 300
-        ready: dict = {}
         while time.monotonic() < deadline and not ready.get("ready"):
             assert proc.poll() is None, "runtime exited:\n" + "".join(log)[-3000:]
             try:
@@ -89,6 +88,17 @@ def test_oom_answers_503_frees_memory_and_the_next_request_runs(store: tuple[Pat
             except (urllib.error.URLError, ConnectionError, OSError):
                 time.sleep(1)
         assert ready.get("ready"), "".join(log)[-3000:]
+    except BaseException:
+        proc.terminate()
+        raise
+    return proc, url, ready
+
+
+def test_oom_answers_503_frees_memory_and_the_next_request_runs(store: tuple[Path, Path]) -> None:
+    root, manifest = store
+    # --perf exact: the memory-profile behaviour this test was written for
+    proc, url, ready = serve(root, manifest, 18000, "--gpu-memory-limit", "36GiB", "--perf", "exact")
+    try:
         assert ready["profile"] == "full" and ready["device"] == "cuda"  # 36 GiB cap: bf16 fits, fp8 not needed
 
         assert post(url, {"prompt": "a cat", "seed": 1})[0] == 200
@@ -102,6 +112,31 @@ def test_oom_answers_503_frees_memory_and_the_next_request_runs(store: tuple[Pat
                     if line.startswith("fluxstack_gpu_memory_peak_bytes"))
         assert 20 * 2**30 < peak <= 36 * 2**30
         print(json.dumps({"ready": ready, "peak_gib": peak / 2**30}))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_default_performance_mode_compiles_at_start_and_serves(store: tuple[Path, Path], tmp_path: Path) -> None:
+    from fluxstack.runtime.perf import AUTO_ORDER
+
+    root, manifest = store
+    cache = tmp_path / "compile-cache"
+    proc, url, ready = serve(root, manifest, 18001, "--compile-cache", str(cache))
+    try:
+        # an H100 runs fp8, so auto is the first mode of its preference; compiled kernels went to the cache
+        assert ready["perf"] == AUTO_ORDER[0] and ready["perf_why"].startswith("auto"), ready
+        assert any((cache / "inductor").rglob("*")), "nothing was written to the compile cache"
+        status, body = post(url, {"prompt": "a cat", "seed": 1})
+        assert status == 200, body
+        import base64
+        import io
+
+        from PIL import Image
+
+        png = Image.open(io.BytesIO(base64.b64decode(body["data"][0]["b64_json"])))
+        assert json.loads(png.text["fluxstack"])["perf"] == AUTO_ORDER[0]
+        print(json.dumps({"ready": ready}))
     finally:
         proc.terminate()
         proc.wait(30)

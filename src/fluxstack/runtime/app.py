@@ -157,6 +157,7 @@ def create_app(engine: Engine, worker: Worker, store: Store, settings: Settings,
         ready = engine.ready.is_set() and not missing
         body = {"ready": ready, "loading": not engine.ready.is_set() and engine.load_error is None,
                 "error": engine.load_error, "missing": missing, "profile": engine.profile, "device": engine.device,
+                "perf": engine.perf, "perf_why": engine.perf_why,
                 "variants": [{"name": v.name, "task": v.task, "manifest": v.manifest.name}
                              for v in engine.variants.values()]}
         return JSONResponse(body, status_code=200 if ready else 503)
@@ -220,6 +221,9 @@ def create_app(engine: Engine, worker: Worker, store: Store, settings: Settings,
             if lora.name not in known:
                 return _error(422, f"loras: unknown LoRA {lora.name!r} (allowed: {', '.join(known) or 'none'}; "
                                    "put .safetensors files in the store's loras/ folder)", "loras")
+        if req.loras and engine.perf not in ("", "exact"):
+            return _error(422, f"loras: LoRAs need the exact performance mode; this runtime runs {engine.perf!r}, "
+                               "which fuses and compiles the transformer (restart with --perf exact)", "loras")
         if req.response_format == "png" and req.n > 1:
             return _error(422, "response_format: png returns one image; use b64_json for n > 1", "response_format")
         seed = req.seed if req.seed is not None else random_seed()

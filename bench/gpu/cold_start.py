@@ -1,0 +1,108 @@
+"""Cold start: process start to first image, with the weights in the page cache (issue 4).
+
+Runs the runtime twice as fresh processes against one compile-cache folder: the first run finds
+it empty and compiles, the second finds what the first stored (what a restarted container with
+the cache on a volume sees). Each child builds the Engine exactly as `fluxstack runtime serve`
+does (load, quantize, compile or load compiled kernels, one warm-up step), then generates one
+FLUX.1-dev 1024x1024 28-step image through Engine.generate. Times are from just before the
+child process is spawned.
+
+    python bench/gpu/cold_start.py --work /tmp/fluxbench --perf fp8 --cache /tmp/cc --out cold.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+T0 = time.time()
+
+
+def child(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+    import torch
+    from runtime_bench import store_paths, variant
+
+    from fluxstack.runtime.engine import Engine, Job, NonFinite
+
+    stamps = {"imported": time.time()}
+    # The files exist already (the parent wrote them, untimed): like `runtime serve`, only read them.
+    v = variant(store_paths(args.work, schnell=False), "flux-dev", {"steps": 28, "guidance": 3.5,
+                                                                   "max_sequence_length": 512})
+    stamps["store_checked"] = time.time()
+    engine = Engine([v], Path("/nonexistent"), args.profile, perf=args.perf, compile_cache=args.cache)
+    engine.load()  # load + quantize + compile (or cache hit) + warm-up step: /readyz turns ready here
+    torch.cuda.synchronize()
+    stamps["ready"] = time.time()
+    job = Job(variant=v.name, prompt="A cat holding a sign that says hello world", width=1024, height=1024,
+              steps=28, guidance=3.5, seed=0, n=1, max_sequence_length=512)
+    with contextlib.suppress(NonFinite):  # random weights may overflow; the time is the full path's
+        engine.generate(job)
+    torch.cuda.synchronize()
+    stamps["first_image"] = time.time()
+    t = time.time()
+    with contextlib.suppress(NonFinite):  # random weights may overflow; the time is the full path's
+        engine.generate(job)
+    torch.cuda.synchronize()
+    stamps["second_image_s"] = time.time() - t
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    from torch._dynamo.utils import counters
+
+    stamps["engine_timings"] = engine.timings
+    stamps["perf_info"] = {k: val for k, val in getattr(engine.pipes[v.name], "perf_info", {}).items()
+                           if k != "step_cache"}
+    stamps["inductor_counters"] = {k: val for k, val in counters["inductor"].items() if "cache" in k}
+    print("STAMPS " + json.dumps({**stamps, "perf": engine.perf, "peak_gib": peak}), flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fluxbench"))
+    parser.add_argument("--perf", default="fp8")
+    parser.add_argument("--profile", default="full")
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--child", action="store_true")
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from runtime_bench import make_store
+
+    make_store(args.work, schnell=False)  # untimed: the weights on disk and in the page cache
+    results: dict = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
+    key = f"cold_start_{args.perf}_{args.profile}"
+    results[key] = []
+    for i in range(args.runs):
+        start = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--child", "--work", str(args.work), "--perf", args.perf,
+                               "--profile", args.profile, "--cache", str(args.cache)],
+                              capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("STAMPS ")), None)
+        if line is None:
+            results[key].append({"run": i, "error": proc.stderr[-3000:]})
+        else:
+            s = json.loads(line[7:])
+            results[key].append({"run": i, "cache": "empty" if i == 0 else "warm", "perf": s["perf"],
+                                 "imports_s": s["imported"] - start, "ready_s": s["ready"] - start,
+                                 "first_image_s": s["first_image"] - start,
+                                 "first_request_s": s["first_image"] - s["ready"],
+                                 "steady_request_s": s["second_image_s"], "peak_gib": s["peak_gib"],
+                                 "store_checked_s": s["store_checked"] - start, "engine": s["engine_timings"],
+                                 "perf_info": s["perf_info"], "inductor_cache": s["inductor_counters"]})
+        print(json.dumps(results[key][-1])[:3000], flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

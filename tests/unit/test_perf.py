@@ -1,0 +1,192 @@
+"""Performance modes (runtime/perf.py): choosing a mode, and what each mode changes, on the CPU with
+the tiny FLUX-architecture model. Speed is measured in bench/gpu/perf_bench.py, never here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fluxstack.errors import UsageError
+
+torch = pytest.importorskip("torch", reason="the runtime extra is not installed")
+pytest.importorskip("diffusers", reason="the runtime extra is not installed")
+
+from fluxstack.runtime import perf  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fluxstack.runtime.tiny import generate
+
+    out = tmp_path_factory.mktemp("tiny")
+    generate(out)
+    return out / "store"
+
+
+def tiny_variant(store: Path) -> object:
+    from fluxstack.manifest import Manifest
+    from fluxstack.runtime.variants import BASE_DEFAULTS, Variant
+
+    paths = {"transformer": store / "diffusion_models/flux1-tiny.safetensors", "vae": store / "vae/ae-tiny.safetensors",
+             "clip": store / "text_encoders/clip_l-tiny.safetensors",
+             "t5": store / "text_encoders/t5xxl-tiny.safetensors", "config": store / "configs/tiny-flux",
+             "tokenizers": store / "tokenizers/tiny-flux"}
+    manifest = Manifest(name="tiny", description="", path=Path("tiny"), include=[], own_files=[], files=[])
+    defaults = {**BASE_DEFAULTS, "steps": 4, "width": 64, "height": 64, "max_sequence_length": 64}
+    return Variant("tiny-flux", "text-to-image", manifest, paths, defaults, {})
+
+
+def transformer_inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    tokens, text = 16, 8
+    ids = torch.zeros(tokens, 3)
+    ids[:, 1] = torch.arange(tokens) // 4
+    ids[:, 2] = torch.arange(tokens) % 4
+    return {"hidden_states": torch.randn(1, tokens, 64, generator=g),
+            "encoder_hidden_states": torch.randn(1, text, 32, generator=g),
+            "pooled_projections": torch.randn(1, 32, generator=g), "timestep": torch.tensor([0.5]),
+            "guidance": torch.tensor([3.5]), "img_ids": ids, "txt_ids": torch.zeros(text, 3), "return_dict": False}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_mode_names_and_unknown_mode() -> None:
+    assert perf.PERF_MODES == ("auto", "exact", "bf16", "fp8", "fast")
+    with pytest.raises(UsageError, match=r"unknown performance mode 'turbo'.*exact, bf16, fp8, fast"):
+        perf.choose_perf("turbo", "full", "cuda")
+
+
+def test_cpu_runs_exact_and_refuses_gpu_modes_by_name() -> None:
+    assert perf.choose_perf("auto", "cpu", "cpu")[0] == "exact"
+    assert perf.choose_perf("exact", "cpu", "cpu") == ("exact", "requested")
+    for mode in ("bf16", "fp8", "fast"):
+        with pytest.raises(UsageError, match=f"'{mode}' cannot run here: it needs a CUDA GPU"):
+            perf.choose_perf(mode, "cpu", "cpu")
+
+
+def test_offload_profiles_keep_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(perf, "fp8_unsupported_reason", lambda: None)
+    mode, why = perf.choose_perf("auto", "model-offload", "cuda")
+    assert mode == "exact" and "model-offload profile moves weights" in why
+    with pytest.raises(UsageError, match="use --profile full or fp8"):
+        perf.choose_perf("fp8", "sequential-offload", "cuda")
+
+
+def test_auto_takes_the_fastest_mode_the_gpu_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(perf, "fp8_unsupported_reason", lambda: None)
+    assert perf.choose_perf("auto", "full", "cuda")[0] == perf.AUTO_ORDER[0]
+    # the fp8 memory profile (24 GB cards) never holds bf16 transformer weights on the GPU
+    assert perf.choose_perf("auto", "fp8", "cuda")[0] in ("fp8", "fast")
+    with pytest.raises(UsageError, match="fp8 memory profile avoids"):
+        perf.choose_perf("bf16", "fp8", "cuda")
+    # an older GPU: auto falls back to bf16 and says why; fp8 by name is refused with the reason
+    monkeypatch.setattr(perf, "fp8_unsupported_reason", lambda: "A100 has compute capability 8.0")
+    mode, why = perf.choose_perf("auto", "full", "cuda")
+    assert mode == "bf16" and "compute capability 8.0" in why
+    with pytest.raises(UsageError, match=r"compute capability 8\.0"):
+        perf.choose_perf("fast", "full", "cuda")
+    assert perf.choose_perf("auto", "fp8", "cuda")[0] == "exact"
+
+
+def test_step_cache_schedule() -> None:
+    assert perf.computed_steps(4) == [True] * 4  # schnell: every step runs
+    plan = perf.computed_steps(28)
+    assert sum(plan) == 18 and all(plan[:4]) and all(plan[-4:])
+    assert not any(plan[i] and plan[i + 1] for i in range(4, 23))  # never two skips... nor two runs in the middle
+    assert all(plan[i] or plan[i - 1] for i in range(1, 28))  # a skipped step always follows a computed one
+
+
+def test_step_cache_reuses_the_previous_output_on_skipped_steps() -> None:
+    class Counter(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return x * self.calls
+
+    model = Counter()
+    cache = perf.StepCache(model)
+    cache.start(28)
+    outs = [model(torch.ones(1)) for _ in range(28)]
+    assert model.calls == 18 and cache.skipped == 10
+    assert outs[4] is outs[3]  # step 4 is skipped: step 3's output again
+    cache.start(4)
+    [model(torch.ones(1)) for _ in range(4)]
+    assert model.calls == 22  # a new request starts a new schedule
+
+
+def test_fp8_layers_share_one_class() -> None:
+    # compiled blocks guard on their layers' types: one class per block would recompile each block
+    a = perf.quantize_linears(torch.nn.Sequential(torch.nn.Linear(32, 32)))
+    b = perf.quantize_linears(torch.nn.Sequential(torch.nn.Linear(32, 32)))
+    assert a == b == 1
+    assert perf._fp8_linear_class() is perf._fp8_linear_class()
+
+
+def test_fused_qkv_gives_the_same_output_and_drops_the_unfused_copies(tiny: Path) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    t = FluxTransformer2DModel.from_single_file(str(tiny / "diffusion_models/flux1-tiny.safetensors"),
+                                                config=str(tiny / "configs/tiny-flux"), subfolder="transformer",
+                                                torch_dtype=torch.float32, local_files_only=True)
+    x = transformer_inputs()
+    with torch.no_grad():
+        ref = t(**x)[0]
+        params = sum(p.numel() for p in t.parameters())
+        perf.fuse_qkv(t)
+        fused = t(**x)[0]
+    assert t.transformer_blocks[0].attn.to_q is None and t.transformer_blocks[0].attn.to_qkv is not None
+    assert sum(p.numel() for p in t.parameters()) == params  # the same weights, once
+    assert rel(fused, ref) < 1e-5
+
+
+def test_fp8_blocks_stay_close_to_the_bf16_output(tiny: Path) -> None:
+    from diffusers import FluxTransformer2DModel
+
+    t = FluxTransformer2DModel.from_single_file(str(tiny / "diffusion_models/flux1-tiny.safetensors"),
+                                                config=str(tiny / "configs/tiny-flux"), subfolder="transformer",
+                                                torch_dtype=torch.float32, local_files_only=True)
+    x = transformer_inputs(1)
+    with torch.no_grad():
+        ref = t(**x)[0]
+        perf.fuse_qkv(t)
+        n = perf.quantize_linears(t.transformer_blocks) + perf.quantize_linears(t.single_transformer_blocks)
+        out = t(**x)[0]
+    assert n > 0 and t.transformer_blocks[0].attn.to_qkv.weight.dtype == torch.float8_e4m3fn
+    # weight-only e4m3 (the CPU path): about 2% RMS per weight, far from a different function
+    assert 0 < rel(out, ref) < 0.1
+
+
+def test_exact_mode_output_is_the_plain_pipeline_output(tiny: Path) -> None:
+    from fluxstack.runtime.engine import Engine, Job, build_pipeline
+
+    v = tiny_variant(tiny)
+    job = Job(variant="tiny-flux", prompt="a cat", width=64, height=64, steps=4, guidance=3.5, seed=3, n=1,
+              max_sequence_length=64)
+    engine = Engine([v], tiny / "loras", "cpu", perf="exact")
+    engine.load()
+    assert (engine.perf, engine.profile) == ("exact", "cpu")
+    png = engine.generate(job)[0]
+    pipe = build_pipeline(v, "cpu", "cpu")  # the path before performance modes existed
+    with torch.inference_mode():
+        plain = pipe(prompt="a cat", width=64, height=64, num_inference_steps=4, guidance_scale=3.5,
+                     max_sequence_length=64, generator=torch.Generator("cpu").manual_seed(3), output_type="np").images
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    served = np.asarray(Image.open(io.BytesIO(png)))
+    assert np.array_equal(served, pipe.numpy_to_pil(plain)[0])
+
+
+def test_cli_refuses_unknown_mode_with_exit_2(tmp_path: Path) -> None:
+    from helpers import fluxstack
+
+    (tmp_path / ".fluxstack").mkdir()
+    result = fluxstack("runtime", "serve", "--models-dir", tmp_path, "--manifest", "tiny-flux", "--perf", "turbo")
+    assert result.returncode == 2
+    assert "turbo" in result.stderr
