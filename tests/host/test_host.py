@@ -7,8 +7,7 @@ import shlex
 from typing import Any
 
 import pytest
-
-from conftest import containers
+from host_common import containers
 
 
 def test_docker_is_running_and_enabled(host: Any) -> None:

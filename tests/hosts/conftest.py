@@ -1,92 +1,21 @@
-"""A lab of test hosts for the Ansible tests: systemd containers with sshd on a private network
-(tests/hosts/harness.py), a `fluxstack mirror serve` of the tiny model they seed from, and the
-runtime image as a tarball they load from (the roles' air-gapped mode: 5.5 GB, once per host).
-
-Everything is removed at the end of the session (FXS_HOST_KEEP=1 keeps the hosts for debugging)."""
+"""The session's lab of test hosts: see hostlab.py."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness
-
-REPO = harness.REPO
-IMAGE = os.environ.get("FXS_HOST_RUNTIME_IMAGE", "fluxstack/runtime:dev")
-HOSTS = ["fxs-host-1", "fxs-host-2", "fxs-host-3"]
-# A token-shaped secret: the tests assert it never shows up in Ansible's output or Docker metadata.
-TOKEN = "hf_fxsTESTsecretTOKEN0123456789abcdef"
-
-
-@dataclass
-class Lab:
-    state: Path
-    inventory: Path
-    mirror: subprocess.Popen
-    tarball: Path
-    ips: dict[str, str] = field(default_factory=dict)
-
-    def make(self, target: str, host: str, *args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
-        """Run a real `make <target> HOST=<host>` against the lab's inventory."""
-        return subprocess.run(["make", target, f"HOST={host}", f"INVENTORY={self.inventory}", *args], cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"})
-
-    def sh(self, host: str, command: str, check: bool = True) -> str:
-        done = subprocess.run([harness.DOCKER, "exec", host, "sh", "-c", command], capture_output=True, text=True,
-                              timeout=600)
-        if check and done.returncode:
-            raise AssertionError(f"{host}: {command}: {done.stderr}")
-        return done.stdout.strip()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def recap(output: str) -> dict[str, dict[str, int]]:
-    """PLAY RECAP lines -> {host: {ok, changed, failed, ...}}."""
-    found: dict[str, dict[str, int]] = {}
-    for line in output.splitlines():
-        if "ok=" in line and "changed=" in line and ":" in line:
-            name, _, counts = line.partition(":")
-            found[name.strip()] = {k: int(v) for k, v in (kv.split("=") for kv in counts.split())}
-    return found
-
-
-def ensure_runtime_image() -> None:
-    if subprocess.run([harness.DOCKER, "image", "inspect", IMAGE], capture_output=True).returncode:
-        build = subprocess.run(["make", "image-runtime", f"RUNTIME_IMAGE={IMAGE}", f"DOCKER={harness.DOCKER}"],
-                               cwd=REPO, capture_output=True, text=True, timeout=3600)
-        assert build.returncode == 0, build.stderr[-3000:]
-
-
-def save_tarball(path: Path) -> None:
-    """docker save the runtime image once (kept while its image id is unchanged)."""
-    image_id = subprocess.run([harness.DOCKER, "image", "inspect", "-f", "{{.Id}}", IMAGE], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    stamp = path.with_suffix(".id")
-    if path.exists() and stamp.exists() and stamp.read_text() == image_id:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)  # 5.5 GB: never two copies at once
-    subprocess.run([harness.DOCKER, "save", "-o", f"{path}.part", IMAGE], check=True, timeout=1800)
-    os.replace(f"{path}.part", path)
-    stamp.write_text(image_id)
+from hostlab import HOSTS, IMAGE, TOKEN, Lab, ensure_runtime_image, free_port, save_tarball
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +68,3 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
             harness.remove_hosts(HOSTS)
             tarball.unlink(missing_ok=True)
             tarball.with_suffix(".id").unlink(missing_ok=True)
-
-
-def inventory_vars(lab: Lab, host: str) -> dict:
-    return yaml.safe_load(lab.inventory.read_text())["all"]["children"]["gpu"]["hosts"][host]

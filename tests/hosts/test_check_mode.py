@@ -15,8 +15,7 @@ from collections.abc import Iterator
 
 import harness
 import pytest
-
-from conftest import recap
+from hostlab import recap
 
 SUITES = {"trixie": "fxs-host-ck-trixie", "bookworm": "fxs-host-ck-bookworm"}
 FORCED = {"fluxstack_gpu_present": True, "nvidia_driver_install": True, "nvidia_container_toolkit_install": True,

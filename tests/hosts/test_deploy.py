@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import TOKEN, Lab, recap
+from hostlab import TOKEN, Lab, recap
 
 HOST = "fxs-host-1"
 

@@ -11,8 +11,7 @@ import re
 import shutil
 
 import pytest
-
-from conftest import HOSTS, IMAGE, Lab, recap
+from hostlab import HOSTS, IMAGE, Lab, recap
 
 FLEET = ":".join(HOSTS)
 V2, V3 = "fluxstack/runtime:rollout-v2", "fluxstack/runtime:rollout-v3"
