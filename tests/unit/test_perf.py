@@ -183,10 +183,26 @@ def test_exact_mode_output_is_the_plain_pipeline_output(tiny: Path) -> None:
     assert np.array_equal(served, pipe.numpy_to_pil(plain)[0])
 
 
-def test_cli_refuses_unknown_mode_with_exit_2(tmp_path: Path) -> None:
+def test_loras_need_the_exact_mode(tiny: Path) -> None:
+    from fluxstack.runtime.engine import Engine, Job
+
+    engine = Engine([tiny_variant(tiny)], tiny / "loras", "cpu")
+    engine.perf = "fp8"  # as on a GPU; the check comes before anything runs
+    engine.pipes["tiny-flux"] = object()
+    job = Job(variant="tiny-flux", prompt="a cat", width=64, height=64, steps=4, guidance=3.5, seed=3, n=1,
+              max_sequence_length=64, loras=[("tiny-style", 1.0)])
+    with pytest.raises(UsageError, match="LoRAs need --perf exact"):
+        engine.generate(job)
+
+
+@pytest.mark.parametrize(("mode", "words"), [("turbo", "unknown performance mode 'turbo'"),
+                                             ("fp8", "'fp8' cannot run here: it needs a CUDA GPU")])
+def test_cli_refuses_a_mode_it_cannot_run_with_exit_2(tmp_path: Path, mode: str, words: str) -> None:
     from helpers import fluxstack
 
+    if mode != "turbo" and torch.cuda.is_available():
+        pytest.skip("checks the no-GPU answer")
     (tmp_path / ".fluxstack").mkdir()
-    result = fluxstack("runtime", "serve", "--models-dir", tmp_path, "--manifest", "tiny-flux", "--perf", "turbo")
+    result = fluxstack("runtime", "serve", "--models-dir", tmp_path, "--manifest", "tiny-flux", "--perf", mode)
     assert result.returncode == 2
-    assert "turbo" in result.stderr
+    assert words in result.stderr
