@@ -73,6 +73,16 @@ def test_demo_stack_seeds_from_the_mirror_and_serves(demo: str) -> None:
     assert "tiny-flux: ready" in logs and "using mirror http://mirror:8090" in logs
     assert '"GET /fluxstack/tiny-flux/resolve/main/' in logs  # the bytes came through the mirror service
     assert generate(demo)[:8] == b"\x89PNG\r\n\x1a\n"
+    # The compiled-kernel cache is a volume the (non-root) runtime can write, so restarts reuse it.
+    cid = compose(*DEMO, "ps", "-q", "runtime").stdout.strip()
+    probe = subprocess.run([DOCKER, "exec", cid, "sh", "-c", 'mkdir -p "$FLUXSTACK_COMPILE_CACHE" && '
+                            'touch "$FLUXSTACK_COMPILE_CACHE/probe" && echo "$FLUXSTACK_COMPILE_CACHE"'],
+                           capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    mounts = json.loads(subprocess.run([DOCKER, "inspect", "-f", "{{json .Mounts}}", cid], capture_output=True,
+                                       text=True, check=True).stdout)
+    cache = next(m for m in mounts if probe.stdout.strip().startswith(m["Destination"]))
+    assert cache["Type"] == "volume" and cache["RW"]
 
 
 def test_a_crashed_runtime_is_restarted_and_serves_again(demo: str) -> None:
