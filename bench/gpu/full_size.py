@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-H, HEADS, HEAD_DIM, MLP = 3072, 24, 128, 3072 * 4
+from fluxstack.comfy.sample_models import flux_shapes
+
 DEV_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
                    "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": [16, 56, 56]}
@@ -31,36 +32,7 @@ T5_XXL = {"d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_laye
 
 def bfl_transformer_shapes(guidance: bool, double: int = 19, single: int = 38) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a FLUX.1 checkpoint in Black Forest Labs' layout (flux/model.py)."""
-    s: dict[str, tuple[int, ...]] = {}
-
-    def linear(name: str, out_f: int, in_f: int) -> None:
-        s[f"{name}.weight"], s[f"{name}.bias"] = (out_f, in_f), (out_f,)
-
-    linear("img_in", H, 64)
-    linear("txt_in", H, 4096)
-    for emb, width in (("time_in", 256), ("vector_in", 768)) + ((("guidance_in", 256),) if guidance else ()):
-        linear(f"{emb}.in_layer", H, width)
-        linear(f"{emb}.out_layer", H, H)
-    for i in range(double):
-        for side in ("img", "txt"):
-            p = f"double_blocks.{i}.{side}"
-            linear(f"{p}_mod.lin", 6 * H, H)
-            linear(f"{p}_attn.qkv", 3 * H, H)
-            s[f"{p}_attn.norm.query_norm.scale"] = (HEAD_DIM,)
-            s[f"{p}_attn.norm.key_norm.scale"] = (HEAD_DIM,)
-            linear(f"{p}_attn.proj", H, H)
-            linear(f"{p}_mlp.0", MLP, H)
-            linear(f"{p}_mlp.2", H, MLP)
-    for i in range(single):
-        p = f"single_blocks.{i}"
-        linear(f"{p}.linear1", 3 * H + MLP, H)
-        linear(f"{p}.linear2", H, H + MLP)
-        s[f"{p}.norm.query_norm.scale"] = (HEAD_DIM,)
-        s[f"{p}.norm.key_norm.scale"] = (HEAD_DIM,)
-        linear(f"{p}.modulation.lin", 3 * H, H)
-    linear("final_layer.linear", 64, H)
-    linear("final_layer.adaLN_modulation.1", 2 * H, H)
-    return s
+    return flux_shapes(double, single, guidance)
 
 
 def random_state(shapes: dict[str, tuple[int, ...]], device: str, dtype: Any, seed: int = 0) -> dict[str, Any]:

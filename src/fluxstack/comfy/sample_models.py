@@ -36,8 +36,9 @@ DTYPES = {"bf16": "BF16", "fp16": "F16", "fp8": "F8_E4M3", "fp32": "F32"}
 Shapes = dict[str, tuple[int, ...]]
 
 
-def flux_shapes(double: int = 1, single: int = 1) -> Shapes:
-    """A FLUX.1 [dev] transformer in Black Forest Labs' key layout (what ComfyUI detects)."""
+def flux_shapes(double: int = 1, single: int = 1, guidance: bool = True) -> Shapes:
+    """A FLUX.1 transformer in Black Forest Labs' key layout (what ComfyUI detects and diffusers
+    converts); full size is 19 double + 38 single blocks, and schnell has no guidance embedder."""
     s: Shapes = {}
 
     def linear(name: str, out_f: int, in_f: int) -> None:
@@ -45,7 +46,7 @@ def flux_shapes(double: int = 1, single: int = 1) -> Shapes:
 
     linear("img_in", H, 64)
     linear("txt_in", H, 4096)
-    for emb, width in (("time_in", 256), ("vector_in", 768), ("guidance_in", 256)):
+    for emb, width in (("time_in", 256), ("vector_in", 768)) + ((("guidance_in", 256),) if guidance else ()):
         linear(f"{emb}.in_layer", H, width)
         linear(f"{emb}.out_layer", H, H)
     for i in range(double):
