@@ -88,6 +88,10 @@ image-comfyui: ## Build the ComfyUI image (COMFYUI_SRC=/path: from a local tree 
 		$(if $(PIP_INDEX_URL),--build-arg PIP_INDEX_URL=$(PIP_INDEX_URL)) \
 		$(foreach v,COMFYUI_GIT_URL COMFYUI_COMMIT COMFYUI_TREE,$(if $($(v)),--build-arg $(v)=$($(v)))) -t $(COMFYUI_IMAGE) .
 
+.PHONY: image-gateway
+image-gateway: ## Build the TLS gateway image (nginx; docs/gateway.md)
+	$(COMPOSE) -f compose.yaml -f compose/gateway.yaml build gateway
+
 SERVICES ?= runtime comfyui
 MODEL ?=
 WORKFLOWS ?= flux-dev-t2i

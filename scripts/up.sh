@@ -13,6 +13,8 @@ compose() { "$DOCKER" compose "$@"; }
 env_file_value() { [ -f .env ] && sed -n "s/^$1=//p" .env | tail -1 || true; }
 MODEL=${MODEL:-$(env_file_value FLUXSTACK_MANIFEST)}
 HF_TOKEN_FILE=${HF_TOKEN_FILE:-$(env_file_value HF_TOKEN_FILE)}
+COMPOSE_FILE=${COMPOSE_FILE:-$(env_file_value COMPOSE_FILE)}
+GATEWAY_PORT=${GATEWAY_PORT:-$(env_file_value GATEWAY_PORT)}
 BIND=$(env_file_value FLUXSTACK_BIND); BIND=${BIND:-127.0.0.1}
 
 # Does manifest $1 (or anything it includes) have gated files, i.e. need a token?
@@ -56,9 +58,12 @@ fi
 
 export FLUXSTACK_MANIFEST=$MODEL
 [ -n "$HF_TOKEN_FILE" ] && export HF_TOKEN_FILE
-if has_gpu; then
-  export COMPOSE_FILE=${COMPOSE_FILE:-compose.yaml:compose/gpu.yaml}
+# Keep the operator's compose files (the gateway, say) and add the GPU request where a GPU answers.
+COMPOSE_FILE=${COMPOSE_FILE:-compose.yaml}
+if has_gpu && [[ $COMPOSE_FILE != *gpu* ]]; then
+  COMPOSE_FILE=$COMPOSE_FILE:compose/gpu.yaml
 fi
+export COMPOSE_FILE
 if [[ " $SERVICES " == *" comfyui "* ]] && ! "$DOCKER" image inspect "${FLUXSTACK_COMFYUI_IMAGE:-fluxstack/comfyui:dev}" \
      >/dev/null 2>&1 && [ -n "${COMFYUI_SRC:-}" ]; then
   make --no-print-directory image-comfyui DOCKER="$DOCKER" COMFYUI_SRC="$COMFYUI_SRC"
@@ -75,9 +80,15 @@ if [[ " $SERVICES " == *" comfyui "* ]]; then
   # shellcheck disable=SC2086
   compose run --rm --no-deps -T seeder comfy ready ${WORKFLOWS:-flux-dev-t2i} --url http://comfyui:8188
 fi
+if [[ $COMPOSE_FILE == *gateway* ]]; then
+  base="https://$(hostname -f 2>/dev/null || hostname):${GATEWAY_PORT:-8443}"  # the services are not published
+  runtime_url=$base/docs comfyui_url=$base/
+else
+  runtime_url=http://$BIND:${RUNTIME_PORT:-8000}/docs comfyui_url=http://$BIND:${COMFYUI_PORT:-8188}/
+fi
 for service in $SERVICES; do
   case $service in
-    runtime) echo "runtime (diffusers API): http://$BIND:${RUNTIME_PORT:-8000}/docs" ;;
-    comfyui) echo "ComfyUI: http://$BIND:${COMFYUI_PORT:-8188}/ (workflows: drag workflows/*.ui.json in)" ;;
+    runtime) echo "runtime (diffusers API): $runtime_url" ;;
+    comfyui) echo "ComfyUI: $comfyui_url (workflows: drag workflows/*.ui.json in)" ;;
   esac
 done
