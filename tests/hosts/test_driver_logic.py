@@ -25,7 +25,8 @@ PROC_OPEN = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {v}  Rele
 PROC_LEGACY = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  {v}  Tue Mar  5 22:46:13 UTC 2024\n"
 
 
-def play(tmp_path: Path, role: str, tasks: str, **extra: object) -> tuple[subprocess.CompletedProcess[str], dict]:
+def play(tmp_path: Path, role: str, tasks: str, env: dict[str, str] | None = None,
+         **extra: object) -> tuple[subprocess.CompletedProcess[str], dict]:
     if not ANSIBLE_PLAYBOOK.exists():
         pytest.skip(f"{ANSIBLE_PLAYBOOK} missing (make venv installs ansible-core)")
     result = tmp_path / "result.json"
@@ -37,7 +38,7 @@ def play(tmp_path: Path, role: str, tasks: str, **extra: object) -> tuple[subpro
     command = [str(ANSIBLE_PLAYBOOK), "-i", "localhost,", str(PLAYBOOK), "-e", f"@{tmp_path / 'vars.json'}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible/ansible.cfg"),
-                               "ANSIBLE_NOCOLOR": "1"})
+                               "ANSIBLE_NOCOLOR": "1", **(env or {})})
     return done, (json.loads(result.read_text()) if result.exists() else {})
 
 
@@ -149,3 +150,13 @@ def test_preflight_without_an_nvidia_device_finds_no_gpu(tmp_path: Path) -> None
     _, out = play(tmp_path, "preflight", "main", preflight_mode="warn", preflight_pci_devices_dir=str(pci.parent),
                   preflight_wsl_markers=[str(tmp_path / "none")], preflight_store_dir=str(tmp_path))
     assert (out["gpu_present"], out["wsl2"]) == (False, False)
+
+
+def test_the_stack_role_says_what_it_cannot_manage_without_a_docker_engine(tmp_path: Path) -> None:
+    """This machine's PID 1 is not systemd, like WSL2 without systemd; DOCKER_HOST points at no engine."""
+    done, _ = play(tmp_path, "flux_stack", "main", env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})
+    assert done.returncode != 0
+    flat = " ".join(done.stdout.split())
+    assert "The stack cannot be managed on localhost: the Docker engine does not answer" in flat
+    if Path("/proc/1/comm").read_text().strip() != "systemd":
+        assert "so Ansible cannot start Docker: start dockerd yourself, or enable systemd (WSL2: docs/wsl2.md)" in flat
