@@ -16,7 +16,8 @@ DEFAULTS: dict[str, Any] = {
     "fluxstack_config_dir": "/etc/fluxstack", "fluxstack_project": "fluxstack",
     "fluxstack_services": ["runtime", "comfyui"], "fluxstack_manifest": "flux-dev-runtime",
     "fluxstack_bind": "127.0.0.1", "fluxstack_runtime_port": 8000, "fluxstack_comfyui_port": 8188,
-    "fluxstack_image": "fluxstack/runtime:dev", "fluxstack_service_gid": 10001,
+    "fluxstack_image": "fluxstack/runtime:dev", "fluxstack_service_uid": 10001, "fluxstack_service_gid": 10001,
+    "fluxstack_gateway": False, "fluxstack_gateway_port": 8443,
     "nvidia_driver_install": "auto", "nvidia_driver_version": "", "nvidia_driver_packages": None,
 }
 

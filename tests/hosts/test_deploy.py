@@ -8,8 +8,11 @@ The tests in this module run in order against one host (fxs-host-1)."""
 from __future__ import annotations
 
 import json
+import subprocess
 
-from hostlab import TOKEN, Lab, recap
+import harness
+import yaml
+from hostlab import REPO, TOKEN, Lab, recap
 
 HOST = "fxs-host-1"
 
@@ -72,7 +75,7 @@ def test_the_token_never_reaches_ansible_output_and_its_file_is_restricted(lab: 
     assert done.returncode == 0
     assert TOKEN not in done.stdout + done.stderr
     assert "censored: 'the output has been hidden due to the fact that ''no_log: true''" in done.stdout
-    assert lab.sh(HOST, "stat -c '%U %g %a' /etc/fluxstack/hf_token") == "root 10001 640"
+    assert lab.sh(HOST, "stat -c '%u %g %a' /etc/fluxstack/hf_token") == "10001 10001 400"
     assert TOKEN not in lab.sh(HOST, "docker inspect $(docker ps -aq); cat /opt/fluxstack/.env")
 
 
@@ -89,3 +92,56 @@ def test_usage_errors_name_what_is_missing(lab: Lab) -> None:
     assert done.returncode == 2 and "usage: make deploy HOST=gpu01" in done.stderr
     done = lab.make("verify", "no-such-host")
     assert done.returncode == 2 and "'no-such-host' matches no host" in done.stderr
+
+
+GATEWAY_IMAGE = "fluxstack/gateway:dev"
+GATEWAY_TOKEN = "fxsGATEWAYtoken-0123456789abcdef0123456789"
+
+
+def test_the_gateway_mode_provisions_its_token_and_is_the_only_way_in(lab: Lab) -> None:
+    """fluxstack_gateway on: the token file provisioned (no_log), the runtime unpublished, only the
+    gateway port beyond loopback, requests need the token; then the host goes back to plain mode."""
+    if subprocess.run([harness.DOCKER, "image", "inspect", GATEWAY_IMAGE], capture_output=True).returncode:
+        built = subprocess.run(["make", "image-gateway", f"DOCKER={harness.DOCKER}"], cwd=REPO, capture_output=True,
+                               text=True, timeout=1800)
+        assert built.returncode == 0, built.stderr[-3000:]
+    tarball = lab.tarball.parent / "gateway.tar"  # the folder is mounted at /srv/images on every host
+    subprocess.run([harness.DOCKER, "save", "-o", str(tarball), GATEWAY_IMAGE], check=True, timeout=600)
+    # The same inventory with the gateway on for this host (next to it, so it shares its group_vars).
+    doc = yaml.safe_load(lab.inventory.read_text())
+    host_vars = doc["all"]["children"]["gpu"]["hosts"][HOST]
+    host_vars.update({"fluxstack_gateway": True, "fluxstack_gateway_tokens": [GATEWAY_TOKEN],
+                      "fluxstack_image_tarballs": {**host_vars["fluxstack_image_tarballs"],
+                                                   GATEWAY_IMAGE: "/srv/images/gateway.tar"}})
+    gateway_inventory = lab.inventory.with_name("gateway-hosts.yml")
+    gateway_inventory.write_text(yaml.safe_dump(doc))
+    with_gateway = f"INVENTORY={gateway_inventory}"
+    try:
+        done = lab.make("deploy", HOST, with_gateway, "ANSIBLE_ARGS=-v")
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-6000:]
+        assert GATEWAY_TOKEN not in out and TOKEN not in out
+        assert lab.sh(HOST, "stat -c '%u %a' /etc/fluxstack/gateway-tokens") == "10001 400"
+        assert lab.sh(HOST, "stat -c '%u %a' /etc/fluxstack/hf_token") == "10001 400"
+        assert GATEWAY_TOKEN not in lab.sh(HOST, "docker inspect $(docker ps -aq); cat /opt/fluxstack/.env; "
+                                                 "docker logs fluxstack-gateway-1 2>&1")
+        # The runtime is reachable only through the gateway now, and only with the token.
+        assert lab.sh(HOST, "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:8000/healthz", check=False) \
+            in ("000", "")
+        status = "curl -sk -o /dev/null -w '%{http_code}' https://127.0.0.1:8443/v1/models"
+        assert lab.sh(HOST, status) == "401"
+        assert lab.sh(HOST, status + " -H @/dev/stdin <<EOF\nAuthorization: Bearer $(cat /etc/fluxstack/gateway-tokens)"
+                            "\nEOF") == "200"
+        verify = lab.make("verify", HOST, with_gateway, "VERIFY_ARGS=-m 'not gpu'")
+        lines = verify.stdout.splitlines()
+        for check in ("only the gateway is published beyond loopback", "containers are hardened",
+                      "gateway requires a token and accepts the provisioned one",
+                      "gateway secrets belong to the gateway user only", "runtime answers ready"):
+            assert f"PASS  {HOST}: {check}" in lines, verify.stdout + verify.stderr[-2000:]
+        again = lab.make("deploy", HOST, with_gateway)
+        assert again.returncode == 0 and recap(again.stdout)[HOST]["changed"] == 0, again.stdout[-4000:]
+    finally:
+        back = lab.make("deploy", HOST)
+        lab.sh(HOST, "cd /opt/fluxstack && docker rm -f fluxstack-gateway-1", check=False)
+        tarball.unlink(missing_ok=True)
+        assert back.returncode == 0, (back.stdout + back.stderr)[-4000:]
