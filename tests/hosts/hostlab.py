@@ -35,7 +35,9 @@ class Lab:
 
     def make(self, target: str, host: str, *args: str, timeout: float = 1500) -> subprocess.CompletedProcess[str]:
         """Run a real `make <target> HOST=<host>` against the lab's inventory."""
-        return subprocess.run(["make", target, f"HOST={host}", f"INVENTORY={self.inventory}", *args], cwd=REPO,
+        # --no-print-directory: under `make test` this is a sub-make, whose directory lines would corrupt --json.
+        return subprocess.run(["make", "--no-print-directory", target, f"HOST={host}", f"INVENTORY={self.inventory}",
+                               *args], cwd=REPO,
                               capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"})
 
