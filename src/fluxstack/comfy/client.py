@@ -23,6 +23,10 @@ from fluxstack.comfy.workflows import MODEL_INPUTS, Graph
 from fluxstack.errors import CheckFailed, UsageError
 
 
+class PromptTimeout(CheckFailed):
+    """The prompt was still queued or running when we stopped waiting."""
+
+
 @dataclass(frozen=True)
 class OutputFile:
     filename: str
@@ -119,7 +123,7 @@ class ComfyClient:
                 on_status(state)
                 said = state
             time.sleep(poll)
-        raise CheckFailed(f"the workflow did not finish within {timeout:.0f} s (prompt {prompt_id} is still "
+        raise PromptTimeout(f"the workflow did not finish within {timeout:.0f} s (prompt {prompt_id} is still "
                           "queued or running in ComfyUI); raise --timeout or check `docker compose logs comfyui`")
 
     def cancel(self, prompt_id: str) -> None:

@@ -36,7 +36,7 @@ def client_for(args: argparse.Namespace, timeout: float = 30.0) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fluxstack.comfy.client import outputs_of
+    from fluxstack.comfy.client import PromptTimeout, outputs_of
     from fluxstack.comfy.workflows import apply_overrides, find_workflow, parse_set
 
     workflow, graph = find_workflow(args.workflow)
@@ -64,10 +64,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _say(f"submitted {args.workflow} as prompt {prompt_id} to {client.url}")
     try:
         entry = client.wait(prompt_id, args.timeout, on_status=lambda s: _say(f"  {s}"))
-    except (CheckFailed, KeyboardInterrupt) as exc:
-        if not isinstance(exc, CheckFailed) or "did not finish" in str(exc):
-            client.cancel(prompt_id)  # a run we gave up on must not keep the GPU busy
-            _say(f"cancelled prompt {prompt_id} in ComfyUI")
+    except (PromptTimeout, KeyboardInterrupt):
+        client.cancel(prompt_id)  # a run we gave up on must not keep the GPU busy
+        _say(f"cancelled prompt {prompt_id} in ComfyUI")
         raise
     files = [client.download(item, args.out) for item in outputs_of(entry)]
     if not files:
