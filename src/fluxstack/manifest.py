@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from fluxstack.datadirs import shipped_dir
 from fluxstack.errors import UsageError
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -80,13 +81,7 @@ class Manifest:
 
 def default_manifests_dir() -> Path:
     """$FLUXSTACK_MANIFESTS_DIR, else ./manifests, else the checkout this package lives in."""
-    env = os.environ.get(MANIFESTS_ENV)
-    if env:
-        return Path(env)
-    cwd = Path.cwd() / "manifests"
-    if (cwd / "schema.json").is_file():
-        return cwd
-    return Path(__file__).resolve().parents[2] / "manifests"
+    return shipped_dir(MANIFESTS_ENV, "manifests", "schema.json")
 
 
 def manifest_path(name_or_path: str, manifests_dir: Path | None = None) -> Path:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fluxstack.datadirs import shipped_dir
 from fluxstack.errors import UsageError
 from fluxstack.manifest import Manifest, ManifestFile, load_manifest
 
@@ -69,13 +69,7 @@ class Workflow:
 
 def default_workflows_dir() -> Path:
     """$FLUXSTACK_WORKFLOWS_DIR, else ./workflows, else the checkout this package lives in."""
-    env = os.environ.get(WORKFLOWS_ENV)
-    if env:
-        return Path(env)
-    cwd = Path.cwd() / "workflows"
-    if (cwd / "index.yaml").is_file():
-        return cwd
-    return Path(__file__).resolve().parents[3] / "workflows"
+    return shipped_dir(WORKFLOWS_ENV, "workflows", "index.yaml")
 
 
 def load_index(directory: Path | None = None) -> dict[str, Workflow]:
