@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,13 @@ COMFYUI_SRC = os.environ.get("COMFYUI_SRC", "")
 COMFYUI_TAG = "fluxstack/comfyui:test"
 needs_comfyui_src = pytest.mark.skipif(not COMFYUI_SRC, reason="COMFYUI_SRC is not set: no ComfyUI source tree to "
                                        "build from (GitHub is unreachable here; CI has none)")
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for a server or a published container port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_comfyui_image(*extra: str) -> subprocess.CompletedProcess[str]:

@@ -15,7 +15,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness
-from hostlab import HOSTS, IMAGE, TOKEN, Lab, ensure_runtime_image, free_port, save_tarball
+from hostlab import HOSTS, IMAGE, TOKEN, Lab, ensure_runtime_image, save_tarball
+
+from helpers import free_port
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ Everything is removed at the end of the session (FXS_HOST_KEEP=1 keeps the hosts
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -49,10 +48,6 @@ class Lab:
         return done.stdout.strip()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:

@@ -9,7 +9,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, fluxstack
+from helpers import REPO, fluxstack, free_port
 
 DOCKER = os.environ.get("DOCKER", "docker")
 COMFYUI_SRC = os.environ.get("COMFYUI_SRC", "")
@@ -32,10 +31,6 @@ NO_COMFYUI = ("COMFYUI_SRC is not set: no ComfyUI source tree to build from (Git
               "CI has none)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

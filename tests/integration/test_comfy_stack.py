@@ -18,7 +18,16 @@ import pytest
 
 from fluxstack.comfy.client import ComfyClient
 from fluxstack.comfy.workflows import load_index
-from helpers import COMFYUI_TAG, DOCKER, REPO, cli_env, fluxstack, make_comfyui_image, needs_comfyui_src
+from helpers import (
+    COMFYUI_TAG,
+    DOCKER,
+    REPO,
+    cli_env,
+    fluxstack,
+    free_port,
+    make_comfyui_image,
+    needs_comfyui_src,
+)
 
 pytestmark = needs_comfyui_src
 PROJECT = ["-p", "fluxstack-comfytest", "--profile", "mirror"]
@@ -34,12 +43,6 @@ def compose(*args: str, env: dict[str, str], check: bool = True, timeout: float 
     return result
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

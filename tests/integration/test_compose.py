@@ -6,7 +6,6 @@ published port, restart after a crash, and a failed seed keeping the runtime dow
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, free_port
 
 DOCKER = os.environ.get("DOCKER", "docker")
 DEMO = ["-p", "fluxstack-demo", "--profile", "mirror"]
@@ -26,10 +25,6 @@ def compose(*args: str, env: dict[str, str] | None = None, check: bool = True) -
                           env={**os.environ, **(env or {})}, timeout=900)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ still produce verified files from it.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,15 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, MiB, Model, fluxstack, write_manifest, write_random
+from helpers import REPO, MiB, Model, fluxstack, free_port, write_manifest, write_random
 
 OLAH_CLI = Path(os.environ.get("OLAH_CLI", REPO / ".venv-olah" / "bin" / "olah-cli")).absolute()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import REPO, cli_env, fluxstack
+from helpers import REPO, cli_env, fluxstack, free_port
 
 pytest.importorskip("diffusers", reason="the runtime extra is not installed (pip install -e .[runtime])")
 
@@ -31,12 +31,6 @@ class Runtime:
     log: list[str]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict, timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
