@@ -1,11 +1,13 @@
 """Test hosts for the Ansible roles: systemd containers with sshd, reached over SSH like servers.
 
 This machine's (and CI's) PID 1 is not systemd, so the hosts Ansible deploys to are containers
-built from docker/testhost (the local Debian base + systemd + sshd; Docker itself is installed
-by the docker role). Each host gets its own /var/lib/docker volume, so its Docker engine is its
-own. They cannot be --privileged here; the capabilities below are enough for systemd and dockerd.
+built from docker/testhost (a locally built Debian or Ubuntu base, see BASES, + systemd + sshd;
+Docker itself is installed by the docker role). Each host gets its own /var/lib/docker volume, so
+its Docker engine is its own. They cannot be --privileged here; the capabilities below are enough
+for systemd and dockerd.
 
     python3 tests/hosts/harness.py up fxs-host-1 fxs-host-2     # prints the inventory path
+    python3 tests/hosts/harness.py up --suite noble fxs-host-u  # an Ubuntu 24.04 host
     python3 tests/hosts/harness.py down fxs-host-1 fxs-host-2   # removes containers and volumes
 
 Everything it creates is named fxs-host-* (containers, volumes, network, images).
@@ -48,20 +50,29 @@ def exists(kind: str, name: str) -> bool:
     return subprocess.run([DOCKER, kind, "inspect", name], capture_output=True).returncode == 0
 
 
+# Every OS the test hosts come in: suite -> (base image under its production name, built locally by
+# scripts/build-base-image.sh; Docker's packages, downloaded into the image's apt cache).
+BASES: dict[str, tuple[str, str]] = {
+    "trixie": ("debian:trixie-slim", "docker.io docker-cli docker-compose"),
+    # Debian 12 has no compose v2 package; the role is told where the plugin is.
+    "bookworm": ("debian:bookworm-slim", "docker.io"),
+    "jammy": ("ubuntu:22.04", "docker.io docker-compose-v2"),
+    "noble": ("ubuntu:24.04", "docker.io docker-compose-v2"),
+}
+
+
 def image_name(suite: str) -> str:
     return f"fxs-host-testhost:{suite}"
 
 
 def build_image(suite: str = "trixie") -> str:
-    """Build the test-host image from the local debian:<suite>-slim base (cached by Docker)."""
+    """Build the test-host image from the suite's locally built base (cached by Docker)."""
     name = image_name(suite)
-    base = f"debian:{suite}-slim"
+    base, packages = BASES[suite]
     if not exists("image", base):
         subprocess.run([str(REPO / "scripts/build-base-image.sh")], env={**os.environ, "SUITE": suite}, check=True)
-    args = ["build", "-q", "--build-arg", f"BASE_IMAGE={base}", "-t", name, str(REPO / "docker/testhost")]
-    if suite == "bookworm":  # Debian 12 has no compose v2 package; the role is told where the plugin is
-        args[1:1] = ["--build-arg", "DOCKER_PACKAGES=docker.io"]
-    docker(*args, timeout=1800)
+    docker("build", "-q", "--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"DOCKER_PACKAGES={packages}",
+           "-t", name, str(REPO / "docker/testhost"), timeout=1800)
     return name
 
 
@@ -143,7 +154,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["up", "down"])
     parser.add_argument("names", nargs="+")
-    parser.add_argument("--suite", default="trixie")
+    parser.add_argument("--suite", default="trixie", choices=sorted(BASES))
     parser.add_argument("--mount", action="append", default=[], help="extra -v for the host containers")
     args = parser.parse_args()
     if args.action == "down":

@@ -1,5 +1,6 @@
 """`--check` of the NVIDIA driver and toolkit roles, forced on as on a GPU host, on a bare test host
-of each Debian release built here (13 trixie, 12 bookworm): the plan runs end to end and changes
+of each supported OS (Debian 13 trixie, Debian 12 bookworm, Ubuntu 22.04 jammy, Ubuntu 24.04 noble; the
+base images are built here by scripts/build-base-image.sh): the plan runs end to end and changes
 nothing. The GPU itself is given as a variable (fluxstack_gpu_present): there is none here.
 NVIDIA's repositories are unreachable here, so the plan stops where apt would need them: on a bare
 host python3-debian (deb822_repository's library) is missing, and the role reports the
@@ -17,7 +18,9 @@ import harness
 import pytest
 from hostlab import recap
 
-SUITES = {"trixie": "fxs-host-ck-trixie", "bookworm": "fxs-host-ck-bookworm"}
+SUITES = {suite: f"fxs-host-ck-{suite}" for suite in ("trixie", "bookworm", "jammy", "noble")}
+# What preflight must detect on each: proof the host really is that OS, and that it counts as supported.
+DETECTED = {"trixie": "Debian 13", "bookworm": "Debian 12", "jammy": "Ubuntu 22.04", "noble": "Ubuntu 24.04"}
 FORCED = {"fluxstack_gpu_present": True, "nvidia_driver_install": True, "nvidia_container_toolkit_install": True,
           "preflight_mode": "warn"}
 LIST_CONFIG = "ls /etc/apt/sources.list.d /etc/apt/apt.conf.d; ls /etc/modprobe.d 2>&1; true"
@@ -34,14 +37,15 @@ def bare_host(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     ip = harness.start_host(name, suite)
     inventory = harness.inventory({name: ip}, tmp_path_factory.mktemp(f"ck-{suite}") / "hosts.yml")
     try:
-        yield name, str(inventory)
+        yield suite, str(inventory)
     finally:
         if not os.environ.get("FXS_HOST_KEEP"):
             harness.remove_hosts([name])
 
 
 def test_driver_and_toolkit_roles_plan_in_check_mode_and_change_nothing(bare_host: tuple[str, str]) -> None:
-    name, inventory = bare_host
+    suite, inventory = bare_host
+    name = SUITES[suite]
     before = harness.docker("exec", name, "sh", "-c", LIST_CONFIG)
     done = subprocess.run(["make", "check", f"HOST={name}", f"INVENTORY={inventory}",
                            f"ANSIBLE_ARGS=--tags preflight,nvidia -e '{json.dumps(FORCED)}'"],
@@ -56,5 +60,8 @@ def test_driver_and_toolkit_roles_plan_in_check_mode_and_change_nothing(bare_hos
                     "Reboot into the pinned driver"):
         assert f"{planned}] " in flat or planned in flat, planned
     assert "reboot needed: no NVIDIA kernel module is loaded" in flat
+    assert f"OS: {DETECTED[suite]}" in flat, flat[:3000]
+    warned = flat.partition("WARNING: ")[2].partition("TASK")[0]  # preflight_mode warn: the failed requirements
+    assert "OS:" not in warned, warned
     after = harness.docker("exec", name, "sh", "-c", LIST_CONFIG)
     assert before == after  # --check wrote nothing
