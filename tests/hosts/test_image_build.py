@@ -1,0 +1,127 @@
+"""`fluxstack_image_source: build` for real: `make deploy` packs this checkout, puts it on a systemd
+test host (fxs-host-build, its own Docker installed by the docker role) and builds the missing
+gateway image there with BuildKit, from Debian's packages and npm (through this machine's CA bundle,
+handed to the build as a secret when there is one). The base image comes from a `docker save`
+tarball named in fluxstack_image_tarballs, as on an air-gapped site.
+
+The 5.5 GB runtime image is streamed into the host beforehand: building it here would take too long,
+and it shows that only the missing images are built. The host runs the gateway only (no seeding, no
+runtime), enough to see the built image serve.
+
+The tests in this module run in order against the one host."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import harness
+import pytest
+from hostlab import IMAGE, REPO, ensure_runtime_image, recap
+
+HOST = "fxs-host-build"
+BASE = "debian:trixie-slim"  # FROM of docker/gateway/Dockerfile (the host has no registry to pull it from)
+GATEWAY = "fluxstack/gateway:fxs-build"
+GATEWAY_TOKEN = "fxsBUILDgatewayTOKEN0123456789abcdef"
+HOST_CA = "/usr/local/share/fxs-build-ca.crt"
+
+
+def deploy(inventory: Path, ansible_args: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["make", "--no-print-directory", "deploy", f"HOST={HOST}", f"INVENTORY={inventory}",
+                           f"ANSIBLE_ARGS={ansible_args}"], cwd=REPO, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"})
+
+
+def on_host(command: str) -> str:
+    return harness.docker("exec", HOST, "sh", "-c", command, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def inventory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if shutil.which(harness.DOCKER) is None or subprocess.run([harness.DOCKER, "info"], capture_output=True).returncode:
+        pytest.skip("no Docker engine (.ci/run installs and starts one)")
+    if shutil.which("ssh") is None:
+        pytest.skip("no ssh client (apt-get install openssh-client)")
+    ensure_runtime_image()
+    harness.build_image("trixie")  # also makes the local debian:trixie-slim when it is missing
+    harness.network()
+    images = harness.STATE / "build-images"
+    images.mkdir(parents=True, exist_ok=True)
+    harness.docker("save", "-o", str(images / "base.tar"), BASE)
+    harness.remove_hosts([HOST])  # a host left by an earlier run would already hold the images
+    ip = harness.start_host(HOST, "trixie", [f"{images}:/srv/fxs-build:ro"])
+    settings: dict = {
+        "preflight_min_ram_gb": 1, "preflight_min_free_disk_gb": 2, "preflight_disk_margin_gb": 1,
+        "preflight_require_gpu": False, "docker_apt_cache_valid_time": 10 ** 8,
+        "fluxstack_services": [], "fluxstack_seed": False, "fluxstack_gateway": True,
+        "fluxstack_gateway_tokens": [GATEWAY_TOKEN], "fluxstack_gateway_image": GATEWAY, "fluxstack_image": IMAGE,
+        "fluxstack_image_source": "build", "fluxstack_image_tarballs": {BASE: "/srv/fxs-build/base.tar"},
+    }
+    # Behind a TLS-intercepting proxy, npm is reachable only with this machine's bundle (as `make image-*`).
+    ca = os.environ.get("CA_BUNDLE") or "/etc/ssl/certs/ca-certificates.crt"
+    if Path(ca).is_file():
+        harness.docker("cp", ca, f"{HOST}:{HOST_CA}")
+        settings["fluxstack_build_ca_bundle"] = HOST_CA
+    path = harness.inventory({HOST: ip}, tmp_path_factory.mktemp("build") / "inventory" / "hosts.yml", settings)
+    try:
+        done = deploy(path, "--tags preflight,docker")
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+        # The runtime image as a `docker save | docker load` stream: no 5.5 GB file on this machine's disk.
+        with subprocess.Popen([harness.DOCKER, "save", IMAGE], stdout=subprocess.PIPE) as save:
+            subprocess.run([harness.DOCKER, "exec", "-i", HOST, "docker", "load"], stdin=save.stdout, check=True,
+                           capture_output=True, timeout=1800)
+        yield path
+    finally:
+        if not os.environ.get("FXS_HOST_KEEP"):
+            harness.remove_hosts([HOST])
+            shutil.rmtree(images, ignore_errors=True)
+
+
+def image_id(name: str) -> str:
+    return on_host(f"docker image inspect -f '{{{{.Id}}}}' {name}")
+
+
+def test_deploy_builds_the_missing_gateway_from_the_checkout_and_serves_it(inventory: Path) -> None:
+    runtime_before = image_id(IMAGE)
+    done = deploy(inventory)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-6000:]
+    assert recap(out)[HOST]["changed"] > 0
+    # Built on the host from the archive the role copied there (its sha1 labels the image).
+    archive = on_host("sha1sum /opt/fluxstack/build/context.tar.gz").split()[0]
+    label = on_host(f"docker image inspect -f '{{{{index .Config.Labels \"org.fluxstack.build-context-sha1\"}}}}' "
+                    f"{GATEWAY}")
+    assert label == archive
+    assert on_host("test -f /opt/fluxstack/build/context/docker/gateway/Dockerfile && echo yes") == "yes"
+    # The base came from its tarball; the runtime, already there, was not rebuilt.
+    assert "Load missing base images from their tarballs" in out and f"changed: [{HOST}] => (item={BASE})" in out
+    assert image_id(IMAGE) == runtime_before
+    # The built gateway serves: /healthz is open, the API wants the token.
+    url = "https://127.0.0.1:8443"
+    assert on_host(f"curl -sk -o /dev/null -w '%{{http_code}}' {url}/healthz") == "200"
+    assert on_host(f"curl -sk -o /dev/null -w '%{{http_code}}' {url}/v1/models") == "401"
+
+
+def test_a_second_deploy_builds_nothing(inventory: Path) -> None:
+    gateway_before = image_id(GATEWAY)
+    done = deploy(inventory)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-6000:]
+    assert recap(out)[HOST]["changed"] == 0, out[-6000:]
+    assert "Build the missing images" not in out
+    assert image_id(GATEWAY) == gateway_before
+
+
+def test_a_base_image_neither_present_nor_pullable_is_explained(inventory: Path) -> None:
+    base = "registry.invalid/debian:trixie-slim"
+    done = deploy(inventory, f"--tags flux_stack -e fluxstack_gateway_image={GATEWAY}-nobase "
+                             f"-e fluxstack_build_base_image={base}")
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0
+    assert f"The build base image {base} is not on {HOST} and could not be pulled" in out, out[-4000:]
+    assert f"docker save -o base.tar {base}" in out and "fluxstack_image_tarballs" in out
+    assert "set fluxstack_build_base_image to a copy in a registry the host reaches" in out
+    assert on_host(f"docker image ls -q {GATEWAY}-nobase") == ""
