@@ -27,6 +27,8 @@ BASE = "debian:trixie-slim"  # FROM of docker/gateway/Dockerfile (the host has n
 GATEWAY = "fluxstack/gateway:fxs-build"
 GATEWAY_TOKEN = "fxsBUILDgatewayTOKEN0123456789abcdef"
 HOST_CA = "/usr/local/share/fxs-build-ca.crt"
+# Behind a TLS-intercepting proxy, npm is reachable only with this machine's bundle (as for `make image-*`).
+CA_BUNDLE = os.environ.get("CA_BUNDLE") or "/etc/ssl/certs/ca-certificates.crt"
 
 
 def deploy(inventory: Path, ansible_args: str = "") -> subprocess.CompletedProcess[str]:
@@ -60,10 +62,8 @@ def inventory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         "fluxstack_gateway_tokens": [GATEWAY_TOKEN], "fluxstack_gateway_image": GATEWAY, "fluxstack_image": IMAGE,
         "fluxstack_image_source": "build", "fluxstack_image_tarballs": {BASE: "/srv/fxs-build/base.tar"},
     }
-    # Behind a TLS-intercepting proxy, npm is reachable only with this machine's bundle (as `make image-*`).
-    ca = os.environ.get("CA_BUNDLE") or "/etc/ssl/certs/ca-certificates.crt"
-    if Path(ca).is_file():
-        harness.docker("cp", ca, f"{HOST}:{HOST_CA}")
+    if Path(CA_BUNDLE).is_file():
+        harness.docker("cp", CA_BUNDLE, f"{HOST}:{HOST_CA}")
         settings["fluxstack_build_ca_bundle"] = HOST_CA
     path = harness.inventory({HOST: ip}, tmp_path_factory.mktemp("build") / "inventory" / "hosts.yml", settings)
     try:
@@ -99,6 +99,13 @@ def test_deploy_builds_the_missing_gateway_from_the_checkout_and_serves_it(inven
     # The base came from its tarball; the runtime, already there, was not rebuilt.
     assert "Load missing base images from their tarballs" in out and f"changed: [{HOST}] => (item={BASE})" in out
     assert image_id(IMAGE) == runtime_before
+    # The CA bundle reached the build as a secret only: no file of the image is the bundle.
+    if Path(CA_BUNDLE).is_file():
+        size = on_host(f"stat -c %s {HOST_CA}")
+        digest = on_host(f"sha256sum {HOST_CA}").split()[0]
+        found = on_host(f"docker run --rm --user 0 --entrypoint sh {GATEWAY} -c "
+                        f"'find / -xdev -type f -size {size}c -exec sha256sum {{}} + 2>/dev/null; true'")
+        assert digest not in found
     # The built gateway serves: /healthz is open, the API wants the token.
     url = "https://127.0.0.1:8443"
     assert on_host(f"curl -sk -o /dev/null -w '%{{http_code}}' {url}/healthz") == "200"
@@ -125,3 +132,15 @@ def test_a_base_image_neither_present_nor_pullable_is_explained(inventory: Path)
     assert f"docker save -o base.tar {base}" in out and "fluxstack_image_tarballs" in out
     assert "set fluxstack_build_base_image to a copy in a registry the host reaches" in out
     assert on_host(f"docker image ls -q {GATEWAY}-nobase") == ""
+
+
+def test_a_failed_build_names_the_sources_to_check(inventory: Path) -> None:
+    # An extra --build-arg (fluxstack_build_args) pointing npm at a registry that does not exist.
+    extra = '{"fluxstack_build_args": {"NPM_REGISTRY": "https://registry.invalid"}}'
+    done = deploy(inventory, f"--tags flux_stack -e fluxstack_gateway_image={GATEWAY}-nonpm -e '{extra}'")
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0
+    assert f"Building gateway on {HOST} failed (docker compose build exited" in out, out[-4000:]
+    assert "registry.invalid" in out  # the build's own last lines say what it could not reach
+    assert "set fluxstack_build_pip_index_url, fluxstack_build_npm_registry or fluxstack_build_comfyui_git_url" in out
+    assert on_host(f"docker image ls -q {GATEWAY}-nonpm") == ""
