@@ -64,7 +64,9 @@ def inventory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     }
     if Path(CA_BUNDLE).is_file():
         harness.docker("cp", CA_BUNDLE, f"{HOST}:{HOST_CA}")
-        settings["fluxstack_build_ca_bundle"] = HOST_CA
+        # Given through a link, as distributions' bundles often are.
+        harness.docker("exec", HOST, "ln", "-sf", HOST_CA, "/etc/fxs-build-ca.pem")
+        settings["fluxstack_build_ca_bundle"] = "/etc/fxs-build-ca.pem"
     path = harness.inventory({HOST: ip}, tmp_path_factory.mktemp("build") / "inventory" / "hosts.yml", settings)
     try:
         done = deploy(path, "--tags preflight,docker")
@@ -144,3 +146,12 @@ def test_a_failed_build_names_the_sources_to_check(inventory: Path) -> None:
     assert "registry.invalid" in out  # the build's own last lines say what it could not reach
     assert "set fluxstack_build_pip_index_url, fluxstack_build_npm_registry or fluxstack_build_comfyui_git_url" in out
     assert on_host(f"docker image ls -q {GATEWAY}-nonpm") == ""
+
+
+def test_a_ca_bundle_missing_on_the_host_is_explained(inventory: Path) -> None:
+    missing = "/etc/ssl/no-such-bundle.pem"
+    done = deploy(inventory, f"--tags flux_stack -e fluxstack_gateway_image={GATEWAY}-noca "
+                             f"-e fluxstack_build_ca_bundle={missing}")
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0
+    assert f"fluxstack_build_ca_bundle is {missing}, which is not a file on {HOST}" in out, out[-4000:]
