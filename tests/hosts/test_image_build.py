@@ -47,6 +47,10 @@ def inventory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip("no Docker engine (.ci/run installs and starts one)")
     if shutil.which("ssh") is None:
         pytest.skip("no ssh client (apt-get install openssh-client)")
+    # The host's own copy of the runtime image, plus docker load's unpacking space.
+    free = shutil.disk_usage("/var/lib/docker" if os.path.exists("/var/lib/docker") else "/").free
+    if free < 12 << 30:
+        pytest.skip(f"streaming the 5.5 GB runtime image into {HOST} needs ~12 GiB free; {free >> 30} GiB free")
     ensure_runtime_image()
     harness.build_image("trixie")  # also makes the local debian:trixie-slim when it is missing
     harness.network()
