@@ -235,7 +235,7 @@ def cmd_runtime_serve(args: argparse.Namespace) -> int:
     settings = Settings(queue_size=args.queue_size, timeout=args.timeout, max_pixels=args.max_pixels)
     metrics = Metrics()
     engine = Engine(variants, store.root / "loras", args.profile, args.gpu_memory_limit, perf=args.perf,
-                    compile_cache=args.compile_cache)
+                    compile_cache=args.compile_cache, prepared_weights=args.prepared_weights)
     worker = Worker(engine, settings.queue_size, settings.timeout, metrics)
     app = create_app(engine, worker, store, settings, metrics)
     _say(f"runtime: memory profile {profile} on {device}, performance mode {perf} ({why})")
@@ -403,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", type=Path, default=None,
                    help="folder for compiled kernels, kept across restarts (default $FLUXSTACK_COMPILE_CACHE, "
                    "else ~/.cache/fluxstack/torch-compile)")
+    p.add_argument("--no-prepared-weights", dest="prepared_weights", action="store_false",
+                   default=os.environ.get("FLUXSTACK_PREPARED_WEIGHTS", "1") != "0",
+                   help="in the fp8 modes, do not keep the quantized transformer in the compile cache (it takes "
+                   "12 GB there for FLUX.1-dev and makes later starts faster; env FLUXSTACK_PREPARED_WEIGHTS=0)")
     p.add_argument("--queue-size", type=_positive, default=8, help="requests waiting for the GPU (default 8)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait in the queue")
     p.add_argument("--max-pixels", type=_positive, default=2048 * 2048, help="largest width x height accepted")

@@ -206,3 +206,69 @@ def test_cli_refuses_a_mode_it_cannot_run_with_exit_2(tmp_path: Path, mode: str,
     result = fluxstack("runtime", "serve", "--models-dir", tmp_path, "--manifest", "tiny-flux", "--perf", mode)
     assert result.returncode == 2
     assert words in result.stderr
+
+
+def quantized_tiny(tiny: Path) -> object:
+    from diffusers import FluxTransformer2DModel
+
+    t = FluxTransformer2DModel.from_single_file(str(tiny / "diffusion_models/flux1-tiny.safetensors"),
+                                                config=str(tiny / "configs/tiny-flux"), subfolder="transformer",
+                                                torch_dtype=torch.float32, local_files_only=True)
+    for block in [*t.transformer_blocks, *t.single_transformer_blocks]:
+        perf.fuse_qkv(block)
+        perf.quantize_linears(block)
+    return t
+
+
+def test_prepared_weights_load_to_the_same_transformer(tiny: Path, tmp_path: Path) -> None:
+    from fluxstack.runtime import prepared
+
+    t = quantized_tiny(tiny)
+    path = prepared.prepared_path(tmp_path, "ab" * 32)
+    stale = tmp_path / f"{'ab' * 8}-0000000000000000.safetensors"  # the same file, older software
+    stale.write_bytes(b"old")
+    size = prepared.save(t, path)
+    assert path.stat().st_size == size and not stale.exists() and not list(tmp_path.glob("*.part"))
+    loaded = prepared.load(tiny / "configs/tiny-flux", path, "cpu")
+    assert isinstance(loaded.transformer_blocks[0].attn.to_qkv, perf._fp8_linear_class())
+    assert loaded.single_transformer_blocks[0].proj_mlp.weight.dtype == torch.float8_e4m3fn
+    x = transformer_inputs(2)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), t.state_dict().values(), strict=True))
+    with torch.no_grad():
+        assert rel(loaded(**x)[0], t(**x)[0]) < 1e-6  # the same weights; float32 summation order aside
+    # another transformer file, or another format/torch/diffusers, is another file
+    assert prepared.prepared_path(tmp_path, "cd" * 32) != path
+
+
+def test_a_damaged_prepared_file_is_removed_and_the_store_file_used(tiny: Path, tmp_path: Path) -> None:
+    from fluxstack.runtime import engine, prepared
+
+    path = prepared.prepared_path(tmp_path, "ab" * 32)
+    prepared.save(quantized_tiny(tiny), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a disk that lost the second half
+    transformer, note = engine._load_prepared(path, tiny / "configs/tiny-flux", "cpu")
+    assert transformer is None and "unusable, removed" in note and not path.exists()
+    assert engine._load_prepared(path, tiny / "configs/tiny-flux", "cpu") == (None, f"none yet at {path}")
+    assert engine._load_prepared(None, tiny, "cpu") == (None, "off")
+
+
+@pytest.mark.parametrize("prompt", ["a cat", "un chat ✓ 猫"])
+def test_parallel_png_decodes_to_the_same_pixels_with_the_metadata(prompt: str) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from fluxstack.runtime import png
+
+    rng = np.random.default_rng(0)
+    smooth = np.linspace(0, 255, 300 * 517 * 3).reshape(300, 517, 3).astype(np.uint8)  # strips of uneven length
+    for pixels in (rng.integers(0, 256, (300, 517, 3), dtype=np.uint8), smooth):
+        data = png.encode(pixels, {"fluxstack": '{"seed": 1}', "Description": prompt})
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            assert image.mode == "RGB" and np.array_equal(np.asarray(image), pixels)
+            assert image.info["Description"] == prompt and image.info["fluxstack"] == '{"seed": 1}'
+    assert len(png.encode(smooth, {})) < smooth.nbytes / 10  # the Up filter + deflate really compress
+    with pytest.raises(ValueError, match="height x width x 3 uint8"):
+        png.encode(np.zeros((4, 4, 4), dtype=np.uint8), {})

@@ -157,7 +157,7 @@ def create_app(engine: Engine, worker: Worker, store: Store, settings: Settings,
         ready = engine.ready.is_set() and not missing
         body = {"ready": ready, "loading": not engine.ready.is_set() and engine.load_error is None,
                 "error": engine.load_error, "missing": missing, "profile": engine.profile, "device": engine.device,
-                "perf": engine.perf, "perf_why": engine.perf_why,
+                "perf": engine.perf, "perf_why": engine.perf_why, "startup": engine.startup(),
                 "variants": [{"name": v.name, "task": v.task, "manifest": v.manifest.name}
                              for v in engine.variants.values()]}
         return JSONResponse(body, status_code=200 if ready else 503)

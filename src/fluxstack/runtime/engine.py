@@ -20,6 +20,7 @@ from typing import Any
 
 from fluxstack import __version__
 from fluxstack.errors import UsageError
+from fluxstack.runtime import png, prepared
 from fluxstack.runtime.variants import Variant
 
 PROFILES = ("auto", "full", "fp8", "model-offload", "sequential-offload", "cpu")
@@ -80,8 +81,12 @@ def _report_compute_dtype(model: Any, dtype: Any) -> None:
                            {"dtype": property(lambda self: dtype)})
 
 
-def build_pipeline(variant: Variant, profile: str, device: str, perf: str = "exact") -> Any:
-    """The pipeline for one variant; `perf` is a mode already checked by perf.choose_perf."""
+def build_pipeline(variant: Variant, profile: str, device: str, perf: str = "exact",
+                   prepared_dir: Path | None = None) -> Any:
+    """The pipeline for one variant; `perf` is a mode already checked by perf.choose_perf.
+
+    `prepared_dir`: where the fp8 modes keep the prepared transformer (runtime/prepared.py); None
+    loads from the store's file every time."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -99,14 +104,31 @@ def build_pipeline(variant: Variant, profile: str, device: str, perf: str = "exa
     # Only `full` loads straight onto the GPU (4-5x faster than .to("cuda")); fp8 loads in CPU memory
     # and casts there, so a 24 GB card never holds the 22 GiB bf16 transformer.
     on_gpu = profile == "full"
-    transformer = FluxTransformer2DModel.from_single_file(
-        str(p["transformer"]), config=config, subfolder="transformer", torch_dtype=dtype, local_files_only=True,
-        **({"device_map": "cuda"} if on_gpu else {}))
+    laps: dict[str, float] = {}  # where loading went, for /readyz and the cold-start benchmark
+    started = [time.monotonic()]
+
+    def lap(name: str) -> None:
+        now = time.monotonic()
+        laps[name] = round(now - started[0], 2)
+        started[0] = now
+
+    prepared_file = None
+    if prepared_dir is not None and perf in ("fp8", "fast") and variant.sha256.get("transformer"):
+        prepared_file = prepared.prepared_path(prepared_dir, variant.sha256["transformer"])
+    transformer, prepared_note = _load_prepared(prepared_file, p["config"], "cuda")
+    from_prepared = transformer is not None
+    if not from_prepared:
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(p["transformer"]), config=config, subfolder="transformer", torch_dtype=dtype, local_files_only=True,
+            **({"device_map": "cuda"} if on_gpu else {}))
+    lap("transformer")
     vae = AutoencoderKL.from_single_file(str(p["vae"]), config=config, subfolder="vae", torch_dtype=dtype,
                                          local_files_only=True)
     encoder_device = "cuda" if on_gpu else "cpu"
     clip = _load_text_encoder(CLIPTextModel, p["config"] / "text_encoder", p["clip"], dtype, encoder_device)
+    lap("vae_clip")
     t5 = _load_text_encoder(T5EncoderModel, p["config"] / "text_encoder_2", p["t5"], dtype, encoder_device)
+    lap("t5")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(config, subfolder="scheduler")
     cls = FluxKontextPipeline if variant.task == "image-edit" else FluxPipeline
     pipe = cls(scheduler=scheduler, vae=vae, text_encoder=clip, text_encoder_2=t5, transformer=transformer,
@@ -126,7 +148,11 @@ def build_pipeline(variant: Variant, profile: str, device: str, perf: str = "exa
     if perf != "exact":
         from fluxstack.runtime import perf as perf_modes
 
-        pipe.perf_info = perf_modes.apply(pipe, perf, profile)
+        pipe.perf_info = perf_modes.apply(pipe, perf, profile, prepared=from_prepared)
+        if prepared_file is not None and not from_prepared:
+            prepared_note = _save_prepared(transformer, prepared_file, prepared_note)
+        pipe.perf_info["prepared_weights"] = prepared_note
+    lap("assemble_and_perf")
     if profile in ("full", "fp8"):
         pipe.to("cuda")
     elif profile == "model-offload":
@@ -134,7 +160,35 @@ def build_pipeline(variant: Variant, profile: str, device: str, perf: str = "exa
     elif profile == "sequential-offload":
         pipe.enable_sequential_cpu_offload()
     pipe.set_progress_bar_config(disable=True)
+    lap("placement")
+    pipe.load_parts_s = laps
     return pipe
+
+
+def _load_prepared(path: Path | None, config_dir: Path, device: str) -> tuple[Any, str]:
+    """(transformer or None, what happened). A prepared file that cannot be loaded is removed, and the
+    store's file is loaded instead: the prepared file is only ever a faster copy of it."""
+    if path is None:
+        return None, "off"
+    if not path.exists():
+        return None, f"none yet at {path}"
+    t = time.monotonic()
+    try:
+        transformer = prepared.load(config_dir, path, device)
+    except Exception as exc:  # noqa: BLE001 - any damage to a cache file means: rebuild it from the store
+        path.unlink(missing_ok=True)
+        return None, f"unusable, removed ({type(exc).__name__}: {str(exc)[:200]}); rebuilding {path}"
+    return transformer, f"loaded {path} in {time.monotonic() - t:.1f} s"
+
+
+def _save_prepared(transformer: Any, path: Path, note: str) -> str:
+    t = time.monotonic()
+    try:
+        size = prepared.save(transformer, path)
+    except OSError as exc:
+        # A full or read-only cache volume costs the next start its speed-up, never this one its model.
+        return f"{note}; not written ({exc}): the next start converts the store's file again"
+    return f"{note}; wrote {size / GiB:.1f} GiB in {time.monotonic() - t:.1f} s"
 
 
 @dataclass
@@ -157,13 +211,14 @@ class Engine:
 
     def __init__(self, variants: list[Variant], loras_dir: Path, profile: str = "auto",
                  gpu_memory_limit: int | None = None, perf: str = "exact", compile_cache: Path | None = None,
-                 warm_up: bool = True) -> None:
+                 warm_up: bool = True, prepared_weights: bool = True) -> None:
         self.variants = {v.name: v for v in variants}
         self.gpu_memory_limit = gpu_memory_limit  # bytes; lets the runtime share a GPU (with ComfyUI, say)
         self.loras_dir = loras_dir
         self.requested_profile = profile
         self.requested_perf = perf
         self.compile_cache = compile_cache
+        self.prepared_weights = prepared_weights  # keep the fp8 modes' transformer beside the compile cache
         self.warm_up = warm_up  # compiled modes compile on their first call; do it before /readyz says ready
         self.perf = ""
         self.perf_why = ""
@@ -186,11 +241,14 @@ class Engine:
             from fluxstack.runtime import perf
 
             self.perf, self.perf_why = perf.choose_perf(self.requested_perf, self.profile, self.device)
+            prepared_dir = None
             if self.perf != "exact":
-                perf.use_compile_cache(perf.compile_cache_dir(self.compile_cache))
+                cache = perf.compile_cache_dir(self.compile_cache)
+                perf.use_compile_cache(cache)
+                prepared_dir = cache / "prepared" if self.prepared_weights else None
             for name, variant in self.variants.items():
                 t = time.monotonic()
-                self.pipes[name] = build_pipeline(variant, self.profile, self.device, self.perf)
+                self.pipes[name] = build_pipeline(variant, self.profile, self.device, self.perf, prepared_dir)
                 self.loaded_loras[name] = set()
                 self.timings[f"{name}_load_s"] = time.monotonic() - t
                 if self.perf != "exact" and self.warm_up and variant.task == "text-to-image":
@@ -201,6 +259,17 @@ class Engine:
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             raise
+
+    def startup(self) -> dict[str, Any]:
+        """Where the start went, per variant: load and warm-up seconds, and the prepared weights' fate."""
+        # list(): load() adds entries from its own thread while /readyz reads them
+        out: dict[str, Any] = {k: round(v, 1) for k, v in list(self.timings.items())}
+        for name, pipe in list(self.pipes.items()):
+            out[f"{name}_load_parts_s"] = getattr(pipe, "load_parts_s", {})
+            note = getattr(pipe, "perf_info", {}).get("prepared_weights")
+            if note:
+                out[f"{name}_prepared_weights"] = note
+        return out
 
     def _warm_up(self, variant: Variant) -> None:
         """One step at the variant's default size: compiles (or loads from the compile cache) the
@@ -283,14 +352,11 @@ class Engine:
                             "(`fluxstack seed --verify --full`) or try another --profile")
         if not encode:
             return []
-        from PIL import Image
-
-        images = [Image.fromarray(a) for a in pixels] if on_gpu else pipe.numpy_to_pil(pixels)
+        images = list(pixels) if on_gpu else pipe.numpy_to_pil(pixels)
         return [self._png(image, job, variant, index) for index, image in enumerate(images)]
 
     def _png(self, image: Any, job: Job, variant: Variant, index: int) -> bytes:
-        from PIL.PngImagePlugin import PngInfo
-
+        """`image`: a PIL image in exact mode (PIL's encoder, whose bytes exact keeps), else a uint8 array."""
         files = {role: sha for role, sha in variant.sha256.items()}
         for lora, _ in job.loras:
             files[f"lora:{lora}"] = lora_sha256(self.available_loras()[lora])
@@ -299,15 +365,19 @@ class Engine:
                 "manifest": variant.manifest.name, "manifest_digest": variant.manifest.digest(),
                 "loras": [{"name": n, "weight": w} for n, w in job.loras], "sha256": files,
                 "fluxstack": __version__}
-        if self.perf not in ("", "exact"):
+        fast = self.perf not in ("", "exact")
+        if fast:
             meta["perf"] = self.perf  # the same seed gives other pixels in another mode: say which made these
+        text = {"fluxstack": json.dumps(meta, sort_keys=True), "Description": job.prompt}
+        if fast:
+            return png.encode(image, text)
+        from PIL.PngImagePlugin import PngInfo
+
         info = PngInfo()
-        info.add_text("fluxstack", json.dumps(meta, sort_keys=True))
-        info.add_text("Description", job.prompt)
+        for key, value in text.items():
+            info.add_text(key, value)
         buf = io.BytesIO()
-        # exact keeps PIL's default level (its bytes stay as they were); the speed modes use level 1:
-        # 1024x1024 encodes in a third of the time for files about 10% larger.
-        image.save(buf, format="PNG", pnginfo=info, **({} if self.perf in ("", "exact") else {"compress_level": 1}))
+        image.save(buf, format="PNG", pnginfo=info)
         return buf.getvalue()
 
 

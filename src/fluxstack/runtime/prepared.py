@@ -1,0 +1,95 @@
+"""Prepared weights: the transformer as the fp8 modes compute with it, saved once, loaded directly after.
+
+A cold start in the fp8 modes reads the store's bf16 file (24 GB for FLUX.1-dev), converts Black Forest
+Labs' key layout to diffusers', moves it to the GPU, fuses the QKV projections and quantizes every
+linear layer of the blocks. The result is half the bytes and needs none of that work again, so the
+first start writes it beside the compile cache (the same volume) and later starts load it straight
+onto the GPU. The file is keyed by the transformer's sha256 (the manifest's, verified by the seeder)
+and by what shapes its contents (this layout's FORMAT, torch and diffusers versions); it is written
+under a temporary name and renamed, so an interrupted write never looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+# Bump when fuse_qkv's or Fp8Linear's parameters change: older files then stop matching.
+FORMAT = "fluxstack-fp8-rowwise-fused-qkv-1"
+
+
+def prepared_path(directory: Path, transformer_sha256: str) -> Path:
+    """Where the prepared transformer for this file and this software lives."""
+    import diffusers
+    import torch
+
+    ident = f"{transformer_sha256}|{FORMAT}|torch {torch.__version__}|diffusers {diffusers.__version__}"
+    return directory / f"{transformer_sha256[:16]}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _safetensors_dtype(dtype: Any) -> str:
+    import torch
+
+    names = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+    if dtype not in names:
+        raise ValueError(f"prepared weights cannot store {dtype}")
+    return names[dtype]
+
+
+def save(module: Any, path: Path) -> int:
+    """Write `module`'s state in the safetensors format, one tensor at a time (GPU tensors are copied to
+    the CPU one by one, not as a 12 GB whole); returns the bytes written."""
+    import torch
+
+    state = {name: t.detach() for name, t in module.state_dict().items()}
+    header: dict[str, Any] = {"__metadata__": {"format": FORMAT}}
+    offset = 0
+    for name, t in state.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _safetensors_dtype(t.dtype), "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    try:
+        with open(part, "wb") as f:
+            f.write(struct.pack("<Q", len(head)))
+            f.write(head)
+            for t in state.values():
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    # Files for the same transformer made by other software versions will never match again.
+    for stale in path.parent.glob(f"{path.name.split('-')[0]}-*.safetensors"):
+        if stale != path:
+            stale.unlink(missing_ok=True)
+    return 8 + len(head) + offset
+
+
+def load(config_dir: Path, path: Path, device: str) -> Any:
+    """The transformer from a prepared file: built empty (on the meta device, no memory), given the fp8
+    modes' structure, then the file's tensors (with their dtypes) are assigned as its parameters on `device`."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from fluxstack.runtime.perf import fuse_qkv, quantize_linears
+
+    config = FluxTransformer2DModel.load_config(str(config_dir), subfolder="transformer")
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+        for blocks in (model.transformer_blocks, model.single_transformer_blocks):
+            for block in blocks:
+                fuse_qkv(block)
+                quantize_linears(block)
+    model.load_state_dict(load_file(str(path), device=device), strict=True, assign=True)
+    return model.eval().requires_grad_(False)
