@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -36,7 +37,8 @@ def child(args: argparse.Namespace) -> None:
     v = variant(store_paths(args.work, schnell=False), "flux-dev", {"steps": 28, "guidance": 3.5,
                                                                    "max_sequence_length": 512})
     stamps["store_checked"] = time.time()
-    engine = Engine([v], Path("/nonexistent"), args.profile, perf=args.perf, compile_cache=args.cache)
+    engine = Engine([v], Path("/nonexistent"), args.profile, perf=args.perf, compile_cache=args.cache,
+                    prepared_weights=not args.no_prepared_weights)
     engine.load()  # load + quantize + compile (or cache hit) + warm-up step: /readyz turns ready here
     torch.cuda.synchronize()
     stamps["ready"] = time.time()
@@ -55,6 +57,7 @@ def child(args: argparse.Namespace) -> None:
     from torch._dynamo.utils import counters
 
     stamps["engine_timings"] = engine.timings
+    stamps["load_parts_s"] = getattr(engine.pipes[v.name], "load_parts_s", {})
     stamps["perf_info"] = {k: val for k, val in getattr(engine.pipes[v.name], "perf_info", {}).items()
                            if k != "step_cache"}
     stamps["inductor_counters"] = {k: val for k, val in counters["inductor"].items() if "cache" in k}
@@ -70,6 +73,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--child", action="store_true")
+    parser.add_argument("--label", default="", help="suffix of the result key, for variants of one setting")
+    parser.add_argument("--child-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment for the runtime processes (e.g. TORCHINDUCTOR_COMPILE_THREADS=1)")
+    parser.add_argument("--no-prepared-weights", action="store_true")
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -79,24 +86,28 @@ def main() -> int:
 
     make_store(args.work, schnell=False)  # untimed: the weights on disk and in the page cache
     results: dict = json.loads(args.out.read_text()) if args.out and args.out.exists() else {}
-    key = f"cold_start_{args.perf}_{args.profile}"
+    key = f"cold_start_{args.perf}_{args.profile}{args.label}"
+    env = dict(os.environ) | dict(item.split("=", 1) for item in args.child_env)
     results[key] = []
     for i in range(args.runs):
         start = time.time()
         proc = subprocess.run([sys.executable, __file__, "--child", "--work", str(args.work), "--perf", args.perf,
-                               "--profile", args.profile, "--cache", str(args.cache)],
-                              capture_output=True, text=True)
+                               "--profile", args.profile, "--cache", str(args.cache)]
+                              + (["--no-prepared-weights"] if args.no_prepared_weights else []),
+                              capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("STAMPS ")), None)
         if line is None:
             results[key].append({"run": i, "error": proc.stderr[-3000:]})
         else:
             s = json.loads(line[7:])
             results[key].append({"run": i, "cache": "empty" if i == 0 else "warm", "perf": s["perf"],
+                                 "child_env": args.child_env,
                                  "imports_s": s["imported"] - start, "ready_s": s["ready"] - start,
                                  "first_image_s": s["first_image"] - start,
                                  "first_request_s": s["first_image"] - s["ready"],
                                  "steady_request_s": s["second_image_s"], "peak_gib": s["peak_gib"],
                                  "store_checked_s": s["store_checked"] - start, "engine": s["engine_timings"],
+                                 "load_parts_s": s["load_parts_s"],
                                  "perf_info": s["perf_info"], "inductor_cache": s["inductor_counters"]})
         print(json.dumps(results[key][-1])[:3000], flush=True)
         if args.out:

@@ -175,6 +175,8 @@ def measure_mode(v: Any, mode: str, profile: str, runs: int, ref: dict[str, Any]
           "transformer_calls_per_image": sum(computed_steps(28)) if mode == "fast" else 28}
     print(f"[{key}] e2e {r['runtime_e2e_median_s']:.3f}s no-text {r['no_text_median_s']:.3f}s "
           f"peak {r['peak_gib']:.1f}GiB", flush=True)
+    r["breakdown_s"] = breakdown(engine, pipe, v, pe, ppe, runs)
+    print(f"[{key}] breakdown {r['breakdown_s']}", flush=True)
     if schnell:
         # schnell's shape: 4 steps, 256 T5 tokens (a new text length: compiled modes compile it once)
         sj = job(4, 256, 0.0)
@@ -184,6 +186,42 @@ def measure_mode(v: Any, mode: str, profile: str, runs: int, ref: dict[str, Any]
         print(f"[{key}] schnell e2e {r['schnell_e2e_median_s']:.3f}s", flush=True)
     r["finite_outputs"] = all(finite)
     return r
+
+
+def breakdown(engine: Engine, pipe: Any, v: Any, pe: torch.Tensor, ppe: torch.Tensor, runs: int) -> dict[str, float]:
+    """Where an end-to-end image's time goes (medians): text encoding, the 28 denoising steps, VAE
+    decode, and the CPU's share (uint8 conversion on the GPU, copy, PNG encoding)."""
+    out: dict[str, float] = {}
+    with torch.inference_mode():
+        out["text_encoding"] = statistics.median(timed(
+            lambda: pipe.encode_prompt(PROMPT, prompt_2=None, max_sequence_length=512), runs))
+        latents: list[torch.Tensor] = []
+
+        def denoise() -> None:
+            if step_cache(pipe):
+                step_cache(pipe).start(28)
+            latents[:] = [pipe(prompt_embeds=pe, pooled_prompt_embeds=ppe, width=1024, height=1024,
+                               num_inference_steps=28, guidance_scale=3.5, output_type="latent",
+                               generator=torch.Generator("cpu").manual_seed(0)).images]
+
+        out["denoise_28_steps"] = statistics.median(timed(denoise, runs))
+        unpacked = pipe._unpack_latents(latents[0], 1024, 1024, pipe.vae_scale_factor)
+        unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        decoded: list[torch.Tensor] = []
+        out["vae_decode"] = statistics.median(timed(lambda: decoded.__setitem__(
+            slice(None), [pipe.image_processor.postprocess(pipe.vae.decode(unpacked, return_dict=False)[0],
+                                                           output_type="pt")]), runs))
+
+    def to_png() -> None:
+        from PIL import Image
+
+        pixels = (decoded[0].float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        job = Job(variant=v.name, prompt=PROMPT, width=1024, height=1024, steps=28, guidance=3.5, seed=0, n=1,
+                  max_sequence_length=512)
+        engine._png(Image.fromarray(pixels[0]) if engine.perf == "exact" else pixels[0], job, v, 0)
+
+    out["to_png"] = statistics.median(timed(to_png, runs))
+    return {k: round(val, 4) for k, val in out.items()}
 
 
 def machine() -> dict[str, Any]:
