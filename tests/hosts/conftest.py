@@ -6,8 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness
-from hostlab import HOSTS, IMAGE, TOKEN, Lab, ensure_runtime_image, save_tarball
-
-from helpers import free_port
+from hostlab import HOSTS, Lab, ensure_runtime_image, save_tarball, stack_settings, start_mirror
 
 
 @pytest.fixture(scope="session")
@@ -34,31 +30,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     save_tarball(tarball)
 
     work = tmp_path_factory.mktemp("lab")
-    made = subprocess.run([sys.executable, "-m", "fluxstack", "dev", "tiny-model", str(work / "gen")],
-                          capture_output=True, text=True, check=True)
-    manifest = Path(made.stdout.strip())
-    port = free_port()
-    mirror = subprocess.Popen([sys.executable, "-m", "fluxstack", "mirror", "serve", "--models-dir",
-                               str(work / "gen" / "store"), "--manifest", str(manifest), "--host", gateway,
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            urllib.request.urlopen(f"http://{gateway}:{port}/healthz", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
-    settings = {
-        # The test hosts are small, have no GPU and run the runtime only (ComfyUI cannot be built here).
-        "preflight_min_ram_gb": 1, "preflight_min_free_disk_gb": 2, "preflight_disk_margin_gb": 1,
-        "preflight_require_gpu": False,
-        "fluxstack_services": ["runtime"], "fluxstack_manifest": "tiny-flux", "fluxstack_profile": "cpu",
-        "fluxstack_space_margin": "0", "fluxstack_hf_endpoint": f"http://{gateway}:{port}",
-        "fluxstack_hf_token": TOKEN, "fluxstack_image_source": "load",
-        "fluxstack_image_tarballs": {IMAGE: "/srv/images/runtime.tar"}, "fluxstack_image": IMAGE,
-        "fluxstack_extra_manifests": [str(manifest)],
-        # The docker role installs from the apt cache baked into the test-host image (no network needed).
-        "docker_apt_cache_valid_time": 10 ** 8,
-    }
+    mirror, endpoint, manifest = start_mirror(work, gateway)
+    settings = stack_settings(endpoint, str(manifest))
     ips = {h: harness.start_host(h, "trixie", [f"{tarball.parent}:/srv/images:ro"]) for h in HOSTS}
     inventory = harness.inventory(ips, work / "inventory" / "hosts.yml", settings)
     try:

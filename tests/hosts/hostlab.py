@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness
+
+from helpers import free_port
 
 REPO = harness.REPO
 IMAGE = os.environ.get("FXS_HOST_RUNTIME_IMAGE", "fluxstack/runtime:dev")
@@ -48,6 +52,43 @@ class Lab:
         return done.stdout.strip()
 
 
+
+
+def start_mirror(work: Path, address: str) -> tuple[subprocess.Popen, str, Path]:
+    """Make the tiny model under `work` and serve it with `fluxstack mirror serve` on `address` (the test
+    network's gateway, which the hosts reach): the process, its endpoint URL and the model's manifest."""
+    made = subprocess.run([sys.executable, "-m", "fluxstack", "dev", "tiny-model", str(work / "gen")],
+                          capture_output=True, text=True, check=True)
+    manifest = Path(made.stdout.strip())
+    port = free_port()
+    mirror = subprocess.Popen([sys.executable, "-m", "fluxstack", "mirror", "serve", "--models-dir",
+                               str(work / "gen" / "store"), "--manifest", str(manifest), "--host", address,
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://{address}:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{endpoint}/healthz", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    return mirror, endpoint, manifest
+
+
+def stack_settings(endpoint: str, manifest: str) -> dict:
+    """The inventory variables of a deployed test host: the tiny model seeded from `endpoint`, the runtime
+    image loaded from /srv/images/runtime.tar, the runtime alone on CPU."""
+    return {
+        # The test hosts are small, have no GPU and run the runtime only (ComfyUI cannot be built here).
+        "preflight_min_ram_gb": 1, "preflight_min_free_disk_gb": 2, "preflight_disk_margin_gb": 1,
+        "preflight_require_gpu": False,
+        "fluxstack_services": ["runtime"], "fluxstack_manifest": "tiny-flux", "fluxstack_profile": "cpu",
+        "fluxstack_space_margin": "0", "fluxstack_hf_endpoint": endpoint,
+        "fluxstack_hf_token": TOKEN, "fluxstack_image_source": "load",
+        "fluxstack_image_tarballs": {IMAGE: "/srv/images/runtime.tar"}, "fluxstack_image": IMAGE,
+        "fluxstack_extra_manifests": [manifest],
+        # The docker role installs from the apt cache baked into the test-host image (no network needed).
+        "docker_apt_cache_valid_time": 10 ** 8,
+    }
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:
