@@ -4,7 +4,8 @@ base images are built here by scripts/build-base-image.sh): the plan runs end to
 nothing. The GPU itself is given as a variable (fluxstack_gpu_present): there is none here.
 NVIDIA's repositories are unreachable here, so the plan stops where apt would need them: on a bare
 host python3-debian (deb822_repository's library) is missing, and the role reports the
-repository and packages as what it would add."""
+repository and packages as what it would add. Then, on the same host, the docker role for real: the
+package names in its vars/ for that OS install a running Docker with compose v2."""
 
 from __future__ import annotations
 
@@ -65,3 +66,22 @@ def test_driver_and_toolkit_roles_plan_in_check_mode_and_change_nothing(bare_hos
     assert "OS:" not in warned, warned
     after = harness.docker("exec", name, "sh", "-c", LIST_CONFIG)
     assert before == after  # --check wrote nothing
+
+
+def test_docker_role_installs_docker_and_compose_v2_from_the_os_packages(bare_host: tuple[str, str]) -> None:
+    """For real, after the plan above: the package names in the docker role's vars/ exist on each OS and
+    give a running Docker with compose v2 (Debian 12 has no compose v2 package: the role says what to set)."""
+    suite, inventory = bare_host
+    name = SUITES[suite]
+    # The .debs are in the test-host image's apt cache: no apt update, no network.
+    done = subprocess.run(["make", "--no-print-directory", "deploy", f"HOST={name}", f"INVENTORY={inventory}",
+                           "ANSIBLE_ARGS=--tags docker -e docker_apt_cache_valid_time=100000000"],
+                          cwd=harness.REPO, capture_output=True, text=True, timeout=900)
+    out = done.stdout + done.stderr
+    assert harness.docker("exec", name, "systemctl", "is-active", "docker", check=False) == "active", out[-4000:]
+    if suite == "bookworm":
+        assert done.returncode != 0
+        assert "has no compose v2 package with docker_install_method: distro" in " ".join(out.split()), out[-4000:]
+        return
+    assert done.returncode == 0, out[-4000:]
+    assert harness.docker("exec", name, "docker", "compose", "version", "--short").startswith("2.")
