@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,15 +11,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import harness
-from hostlab import HOSTS, Lab, ensure_runtime_image, save_tarball, stack_settings, start_mirror
+from hostlab import HOSTS, Lab, ensure_runtime_image, save_tarball, skip_without_engine, stack_settings, start_mirror
 
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if shutil.which(harness.DOCKER) is None or subprocess.run([harness.DOCKER, "info"], capture_output=True).returncode:
-        pytest.skip("no Docker engine (.ci/run installs and starts one)")
-    if shutil.which("ssh") is None:
-        pytest.skip("no ssh client (apt-get install openssh-client)")
+    skip_without_engine()
     state = harness.STATE
     ensure_runtime_image()
     harness.build_image("trixie")

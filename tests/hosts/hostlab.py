@@ -22,6 +22,19 @@ import harness
 from helpers import free_port
 
 REPO = harness.REPO
+
+
+def skip_without_engine(ssh: bool = True) -> None:
+    """Skip the calling fixture's tests where the lab cannot exist: no Docker engine (or no ssh client,
+    for tests that reach their hosts over SSH)."""
+    import shutil
+
+    import pytest
+
+    if shutil.which(harness.DOCKER) is None or subprocess.run([harness.DOCKER, "info"], capture_output=True).returncode:
+        pytest.skip("no Docker engine (.ci/run installs and starts one)")
+    if ssh and shutil.which("ssh") is None:
+        pytest.skip("no ssh client (apt-get install openssh-client)")
 IMAGE = os.environ.get("FXS_HOST_RUNTIME_IMAGE", "fluxstack/runtime:dev")
 HOSTS = ["fxs-host-1", "fxs-host-2", "fxs-host-3"]
 # A token-shaped secret: the tests assert it never shows up in Ansible's output or Docker metadata.

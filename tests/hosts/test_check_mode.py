@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 
 import harness
 import pytest
-from hostlab import recap
+from hostlab import recap, skip_without_engine
 
 SUITES = {suite: f"fxs-host-ck-{suite}" for suite in ("trixie", "bookworm", "jammy", "noble")}
 # What preflight must detect on each: proof the host really is that OS, and that it counts as supported.
@@ -29,8 +28,7 @@ LIST_CONFIG = "ls /etc/apt/sources.list.d /etc/apt/apt.conf.d; ls /etc/modprobe.
 
 @pytest.fixture(scope="module", params=sorted(SUITES))
 def bare_host(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    if shutil.which(harness.DOCKER) is None or subprocess.run([harness.DOCKER, "info"], capture_output=True).returncode:
-        pytest.skip("no Docker engine (.ci/run installs and starts one)")
+    skip_without_engine(ssh=False)
     suite = request.param
     name = SUITES[suite]
     harness.build_image(suite)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import harness
 import pytest
-from hostlab import IMAGE, REPO, ensure_runtime_image, recap
+from hostlab import IMAGE, REPO, ensure_runtime_image, recap, skip_without_engine
 
 HOST = "fxs-host-build"
 BASE = "debian:trixie-slim"  # FROM of docker/gateway/Dockerfile (the host has no registry to pull it from)
@@ -43,10 +43,7 @@ def on_host(command: str) -> str:
 
 @pytest.fixture(scope="module")
 def inventory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    if shutil.which(harness.DOCKER) is None or subprocess.run([harness.DOCKER, "info"], capture_output=True).returncode:
-        pytest.skip("no Docker engine (.ci/run installs and starts one)")
-    if shutil.which("ssh") is None:
-        pytest.skip("no ssh client (apt-get install openssh-client)")
+    skip_without_engine()
     # The host's own copy of the runtime image, plus docker load's unpacking space.
     free = shutil.disk_usage("/var/lib/docker" if os.path.exists("/var/lib/docker") else "/").free
     if free < 12 << 30:

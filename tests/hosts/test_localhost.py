@@ -25,7 +25,7 @@ from pathlib import Path
 import harness
 import pytest
 import yaml
-from hostlab import REPO, ensure_runtime_image, recap, save_tarball, stack_settings, start_mirror
+from hostlab import REPO, ensure_runtime_image, recap, save_tarball, skip_without_engine, stack_settings, start_mirror
 
 HOST = "fxs-host-local"
 SUITE = "noble"
@@ -92,8 +92,7 @@ def local_inventory(settings: dict) -> str:
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if shutil.which(harness.DOCKER) is None or subprocess.run([harness.DOCKER, "info"], capture_output=True).returncode:
-        pytest.skip("no Docker engine (.ci/run installs and starts one)")
+    skip_without_engine(ssh=False)
     ensure_runtime_image()
     # The lab's tarball when the deploy tests made it (same path, same image id): saved only once.
     tarball = harness.STATE / "images" / "runtime.tar"
