@@ -3,6 +3,8 @@ the tiny FLUX-architecture model. Speed is measured in bench/gpu/perf_bench.py, 
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -227,8 +229,14 @@ def test_prepared_weights_load_to_the_same_transformer(tiny: Path, tmp_path: Pat
     path = prepared.prepared_path(tmp_path, "ab" * 32)
     stale = tmp_path / f"{'ab' * 8}-0000000000000000.safetensors"  # the same file, older software
     stale.write_bytes(b"old")
+    dead = path.with_name(path.name + ".0badc0de.part")  # a writer killed two hours ago
+    dead.write_bytes(b"half")
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
+    alive = path.with_name(path.name + ".0000beef.part")  # another runtime writing right now
+    alive.write_bytes(b"in progress")
     size = prepared.save(t, path)
-    assert path.stat().st_size == size and not stale.exists() and not list(tmp_path.glob("*.part"))
+    assert path.stat().st_size == size and not stale.exists()
+    assert sorted(tmp_path.glob("*.part")) == [alive]
     loaded = prepared.load(tiny / "configs/tiny-flux", path, "cpu")
     assert isinstance(loaded.transformer_blocks[0].attn.to_qkv, perf._fp8_linear_class())
     assert loaded.single_transformer_blocks[0].proj_mlp.weight.dtype == torch.float8_e4m3fn

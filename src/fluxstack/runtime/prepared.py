@@ -6,7 +6,8 @@ linear layer of the blocks. The result is half the bytes and needs none of that 
 first start writes it beside the compile cache (the same volume) and later starts load it straight
 onto the GPU. The file is keyed by the transformer's sha256 (the manifest's, verified by the seeder)
 and by what shapes its contents (this layout's FORMAT, torch and diffusers versions); it is written
-under a temporary name and renamed, so an interrupted write never looks complete.
+under a temporary name of its own and renamed, so an interrupted write never looks complete and two
+runtimes sharing the cache volume never write into one file.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
 # Bump when fuse_qkv's or Fp8Linear's parameters change: older files then stop matching.
 FORMAT = "fluxstack-fp8-rowwise-fused-qkv-1"
+STALE_PART_SECONDS = 3600
 
 
 def prepared_path(directory: Path, transformer_sha256: str) -> Path:
@@ -56,7 +60,11 @@ def save(module: Any, path: Path) -> int:
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
+    part = path.with_name(f"{path.name}.{secrets.token_hex(4)}.part")
+    # Partial files of writers that died (killed, disk full) hold gigabytes; a live writer's is recent.
+    for old in path.parent.glob(f"{path.name}.*.part"):
+        if time.time() - old.stat().st_mtime > STALE_PART_SECONDS:
+            old.unlink(missing_ok=True)
     try:
         with open(part, "wb") as f:
             f.write(struct.pack("<Q", len(head)))
