@@ -172,9 +172,13 @@ def _load_prepared(path: Path | None, config_dir: Path, device: str) -> tuple[An
         return None, "off"
     if not path.exists():
         return None, f"none yet at {path}"
+    import torch
+
     t = time.monotonic()
     try:
         transformer = prepared.load(config_dir, path, device)
+    except torch.OutOfMemoryError:
+        raise  # the file is fine; the GPU is too full for the model either way
     except Exception as exc:  # noqa: BLE001 - any damage to a cache file means: rebuild it from the store
         path.unlink(missing_ok=True)
         return None, f"unusable, removed ({type(exc).__name__}: {str(exc)[:200]}); rebuilding {path}"
