@@ -37,6 +37,16 @@ def deploy(inventory: Path, ansible_args: str = "") -> subprocess.CompletedProce
                           env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"})
 
 
+def failed_build_deploy(inventory: Path, tag: str, extra: str) -> str:
+    """Deploy only the stack with the gateway under a new tag (so the role must build it) and `extra`
+    variables; assert it failed, leaving no image under that tag; return its output on one line."""
+    done = deploy(inventory, f"--tags flux_stack -e fluxstack_gateway_image={GATEWAY}-{tag} {extra}")
+    out = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0, out[-4000:]
+    assert on_host(f"docker image ls -q {GATEWAY}-{tag}") == ""
+    return out
+
+
 def on_host(command: str) -> str:
     return harness.docker("exec", HOST, "sh", "-c", command, timeout=600)
 
@@ -127,32 +137,22 @@ def test_a_second_deploy_builds_nothing(inventory: Path) -> None:
 
 def test_a_base_image_neither_present_nor_pullable_is_explained(inventory: Path) -> None:
     base = "registry.invalid/debian:trixie-slim"
-    done = deploy(inventory, f"--tags flux_stack -e fluxstack_gateway_image={GATEWAY}-nobase "
-                             f"-e fluxstack_build_base_image={base}")
-    out = " ".join((done.stdout + done.stderr).split())
-    assert done.returncode != 0
+    out = failed_build_deploy(inventory, "nobase", f"-e fluxstack_build_base_image={base}")
     assert f"The build base image {base} is not on {HOST} and could not be pulled" in out, out[-4000:]
     assert f"docker save -o base.tar {base}" in out and "fluxstack_image_tarballs" in out
     assert "set fluxstack_build_base_image to a copy in a registry the host reaches" in out
-    assert on_host(f"docker image ls -q {GATEWAY}-nobase") == ""
 
 
 def test_a_failed_build_names_the_sources_to_check(inventory: Path) -> None:
     # An extra --build-arg (fluxstack_build_args) pointing npm at a registry that does not exist.
     extra = '{"fluxstack_build_args": {"NPM_REGISTRY": "https://registry.invalid"}}'
-    done = deploy(inventory, f"--tags flux_stack -e fluxstack_gateway_image={GATEWAY}-nonpm -e '{extra}'")
-    out = " ".join((done.stdout + done.stderr).split())
-    assert done.returncode != 0
+    out = failed_build_deploy(inventory, "nonpm", f"-e '{extra}'")
     assert f"Building gateway on {HOST} failed (docker compose build exited" in out, out[-4000:]
     assert "registry.invalid" in out  # the build's own last lines say what it could not reach
     assert "set fluxstack_build_pip_index_url, fluxstack_build_npm_registry or fluxstack_build_comfyui_git_url" in out
-    assert on_host(f"docker image ls -q {GATEWAY}-nonpm") == ""
 
 
 def test_a_ca_bundle_missing_on_the_host_is_explained(inventory: Path) -> None:
     missing = "/etc/ssl/no-such-bundle.pem"
-    done = deploy(inventory, f"--tags flux_stack -e fluxstack_gateway_image={GATEWAY}-noca "
-                             f"-e fluxstack_build_ca_bundle={missing}")
-    out = " ".join((done.stdout + done.stderr).split())
-    assert done.returncode != 0
+    out = failed_build_deploy(inventory, "noca", f"-e fluxstack_build_ca_bundle={missing}")
     assert f"fluxstack_build_ca_bundle is {missing}, which is not a file on {HOST}" in out, out[-4000:]
