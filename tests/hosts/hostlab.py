@@ -7,6 +7,7 @@ Everything is removed at the end of the session (FXS_HOST_KEEP=1 keeps the hosts
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,23 +24,19 @@ import harness
 from helpers import free_port
 
 REPO = harness.REPO
+IMAGE = os.environ.get("FXS_HOST_RUNTIME_IMAGE", "fluxstack/runtime:dev")
+HOSTS = ["fxs-host-1", "fxs-host-2", "fxs-host-3"]
+# A token-shaped secret: the tests assert it never shows up in Ansible's output or Docker metadata.
+TOKEN = "hf_fxsTESTsecretTOKEN0123456789abcdef"
 
 
 def skip_without_engine(ssh: bool = True) -> None:
     """Skip the calling fixture's tests where the lab cannot exist: no Docker engine (or no ssh client,
     for tests that reach their hosts over SSH)."""
-    import shutil
-
-    import pytest
-
     if shutil.which(harness.DOCKER) is None or subprocess.run([harness.DOCKER, "info"], capture_output=True).returncode:
         pytest.skip("no Docker engine (.ci/run installs and starts one)")
     if ssh and shutil.which("ssh") is None:
         pytest.skip("no ssh client (apt-get install openssh-client)")
-IMAGE = os.environ.get("FXS_HOST_RUNTIME_IMAGE", "fluxstack/runtime:dev")
-HOSTS = ["fxs-host-1", "fxs-host-2", "fxs-host-3"]
-# A token-shaped secret: the tests assert it never shows up in Ansible's output or Docker metadata.
-TOKEN = "hf_fxsTESTsecretTOKEN0123456789abcdef"
 
 
 @dataclass
@@ -65,8 +63,6 @@ class Lab:
         return done.stdout.strip()
 
 
-
-
 def start_mirror(work: Path, address: str) -> tuple[subprocess.Popen, str, Path]:
     """Make the tiny model under `work` and serve it with `fluxstack mirror serve` on `address` (the test
     network's gateway, which the hosts reach): the process, its endpoint URL and the model's manifest."""
@@ -84,6 +80,9 @@ def start_mirror(work: Path, address: str) -> tuple[subprocess.Popen, str, Path]
             break
         except OSError:
             time.sleep(0.1)
+    else:
+        mirror.kill()
+        raise RuntimeError(f"fluxstack mirror serve did not answer on {endpoint}/healthz within 10 s")
     return mirror, endpoint, manifest
 
 
