@@ -260,6 +260,16 @@ def test_a_damaged_prepared_file_is_removed_and_the_store_file_used(tiny: Path, 
     assert engine._load_prepared(None, tiny, "cpu") == (None, "off")
 
 
+def test_a_prepared_file_that_cannot_be_written_costs_only_the_speed_up(tiny: Path, tmp_path: Path) -> None:
+    from fluxstack.runtime import engine
+
+    blocked = tmp_path / "cache-is-a-file"
+    blocked.write_text("not a folder")  # stands for a full or read-only cache volume: writing raises OSError
+    note = engine._save_prepared(quantized_tiny(tiny), blocked / "prepared" / "x.safetensors", "none yet")
+    assert note.startswith("none yet; not written (") and "the next start converts the store's file again" in note
+    assert blocked.read_text() == "not a folder"
+
+
 @pytest.mark.parametrize("prompt", ["a cat", "un chat ✓ 猫"])
 def test_parallel_png_decodes_to_the_same_pixels_with_the_metadata(prompt: str) -> None:
     import io
