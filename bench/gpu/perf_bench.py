@@ -208,9 +208,12 @@ def breakdown(engine: Engine, pipe: Any, v: Any, pe: torch.Tensor, ppe: torch.Te
         unpacked = pipe._unpack_latents(latents[0], 1024, 1024, pipe.vae_scale_factor)
         unpacked = unpacked / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
         decoded: list[torch.Tensor] = []
-        out["vae_decode"] = statistics.median(timed(lambda: decoded.__setitem__(
-            slice(None), [pipe.image_processor.postprocess(pipe.vae.decode(unpacked, return_dict=False)[0],
-                                                           output_type="pt")]), runs))
+
+        def decode() -> None:
+            image = pipe.vae.decode(unpacked, return_dict=False)[0]
+            decoded[:] = [pipe.image_processor.postprocess(image, output_type="pt")]
+
+        out["vae_decode"] = statistics.median(timed(decode, runs))
 
     def to_png() -> None:
         from PIL import Image
