@@ -12,6 +12,7 @@ runtimes sharing the cache volume never write into one file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -63,8 +64,9 @@ def save(module: Any, path: Path) -> int:
     part = path.with_name(f"{path.name}.{secrets.token_hex(4)}.part")
     # Partial files of writers that died (killed, disk full) hold gigabytes; a live writer's is recent.
     for old in path.parent.glob(f"{path.name}.*.part"):
-        if time.time() - old.stat().st_mtime > STALE_PART_SECONDS:
-            old.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # another runtime may finish or remove it meanwhile
+            if time.time() - old.stat().st_mtime > STALE_PART_SECONDS:
+                old.unlink()
     try:
         with open(part, "wb") as f:
             f.write(struct.pack("<Q", len(head)))
