@@ -26,7 +26,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "store"
 
 
-def tiny_variant(store: Path) -> object:
+def tiny_variant(store: Path, task: str = "text-to-image") -> object:
     from fluxstack.manifest import Manifest
     from fluxstack.runtime.variants import BASE_DEFAULTS, Variant
 
@@ -36,7 +36,7 @@ def tiny_variant(store: Path) -> object:
              "tokenizers": store / "tokenizers/tiny-flux"}
     manifest = Manifest(name="tiny", description="", path=Path("tiny"), include=[], own_files=[], files=[])
     defaults = {**BASE_DEFAULTS, "steps": 4, "width": 64, "height": 64, "max_sequence_length": 64}
-    return Variant("tiny-flux", "text-to-image", manifest, paths, defaults, {})
+    return Variant("tiny-flux", task, manifest, paths, defaults, {})
 
 
 def transformer_inputs(seed: int = 0) -> dict:
@@ -183,6 +183,22 @@ def test_exact_mode_output_is_the_plain_pipeline_output(tiny: Path) -> None:
 
     served = np.asarray(Image.open(io.BytesIO(png)))
     assert np.array_equal(served, pipe.numpy_to_pil(plain)[0])
+
+
+@pytest.mark.parametrize(("task", "tokens"), [("text-to-image", 16), ("image-edit", 32)])
+def test_the_warm_up_runs_the_shape_a_default_request_runs(tiny: Path, task: str, tokens: int) -> None:
+    """The compiled modes warm up before /readyz turns ready; an image-edit (Kontext) model's transformer
+    also sees the input image's tokens, so its warm-up needs an input image to compile that shape."""
+    from fluxstack.runtime.engine import Engine
+
+    v = tiny_variant(tiny, task)
+    engine = Engine([v], tiny / "loras", "cpu", perf="exact")
+    engine.load()
+    seen: list[int] = []
+    engine.pipes["tiny-flux"].transformer.register_forward_hook(lambda _m, args, kw, _o: seen.append(
+        kw["hidden_states"].shape[1]), with_kwargs=True)
+    engine._warm_up(v)
+    assert seen == [tokens]  # one step; 64x64 is 16 latent tokens, and 16 more of the input image
 
 
 def test_loras_need_the_exact_mode(tiny: Path) -> None:

@@ -255,7 +255,7 @@ class Engine:
                 self.pipes[name] = build_pipeline(variant, self.profile, self.device, self.perf, prepared_dir)
                 self.loaded_loras[name] = set()
                 self.timings[f"{name}_load_s"] = time.monotonic() - t
-                if self.perf != "exact" and self.warm_up and variant.task == "text-to-image":
+                if self.perf != "exact" and self.warm_up:
                     t = time.monotonic()
                     self._warm_up(variant)
                     self.timings[f"{name}_warm_up_s"] = time.monotonic() - t
@@ -277,12 +277,17 @@ class Engine:
 
     def _warm_up(self, variant: Variant) -> None:
         """One step at the variant's default size: compiles (or loads from the compile cache) the
-        graphs every default request uses, so the first real request runs at full speed."""
+        graphs every default request uses, so the first real request runs at full speed. Image-edit
+        models get an input image: their transformer sees the image's tokens too, another shape."""
+        from PIL import Image
+
         d = variant.defaults
+        size = (d["width"], d["height"])
+        image = Image.new("RGB", size, (128, 128, 128)) if variant.task == "image-edit" else None
         with contextlib.suppress(NonFinite):  # random or broken weights: the graphs are compiled all the same
-            self.generate(Job(variant=variant.name, prompt="warm-up", width=d["width"], height=d["height"], steps=1,
-                              guidance=d["guidance"], seed=0, n=1, max_sequence_length=d["max_sequence_length"]),
-                          encode=False)
+            self.generate(Job(variant=variant.name, prompt="warm-up", width=size[0], height=size[1], steps=1,
+                              guidance=d["guidance"], seed=0, n=1, max_sequence_length=d["max_sequence_length"],
+                              image=image), encode=False)
 
     def available_loras(self) -> dict[str, Path]:
         if not self.loras_dir.is_dir():
