@@ -177,7 +177,7 @@ def test_health_models_metrics_and_docs(runtime: Runtime) -> None:
     ready = json.loads(get(f"{runtime.url}/readyz")[1])
     assert ready["ready"] and ready["profile"] == "cpu"
     # where the start went, per variant (docs/performance.md "Cold start")
-    assert {"transformer", "t5", "placement"} <= set(ready["startup"]["tiny-flux_load_parts_s"])
+    assert {"imports", "transformer", "t5", "placement"} <= set(ready["startup"]["tiny-flux_load_parts_s"])
     assert ready["startup"]["tiny-flux_load_s"] >= sum(ready["startup"]["tiny-flux_load_parts_s"].values()) - 0.5
     assert [(v["name"], v["task"]) for v in ready["variants"]] == [("tiny-flux", "text-to-image"),
                                                                     ("tiny-flux-kontext", "image-edit")]
