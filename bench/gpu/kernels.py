@@ -1,0 +1,149 @@
+"""Where a compiled mode's GPU time goes, and whether CUDA graphs would help (issue 4).
+
+Builds the Engine as `fluxstack runtime serve` does (load, perf mode, warm-up), times FLUX.1-dev
+1024x1024 through Engine.generate (28 steps with 512 T5 tokens, and the schnell shape: 4 steps, 256
+tokens; medians of --runs after one more), then profiles one 4-step image with torch.profiler and
+sums the GPU kernels' own time by kind:
+
+  gemm       cuBLAS/cuBLASLt matrix multiplications (fp8 `_scaled_mm` and bf16)
+  attention  the SDPA kernels (cuDNN flash attention on H100)
+  triton     Inductor's fused element-wise/reduction kernels: norms, modulation, RoPE, GELU and the
+             per-token fp8 quantization of every linear layer's input
+  other      the rest (the VAE's convolutions, copies)
+
+With --graphs, the whole transformer call is then captured in one CUDA graph per input shape (replayed
+with the step's inputs copied in) and timed again, to see how much launch overhead is left.
+
+    python bench/gpu/kernels.py --work /tmp/fluxbench --cache /tmp/cc --perf fp8 --graphs --out k.json
+Inductor settings come from the environment, e.g. TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from runtime_bench import make_store, variant
+
+from fluxstack.runtime.engine import Engine, Job, NonFinite
+
+
+def kind(kernel: str) -> str:
+    low = kernel.lower()
+    if kernel.startswith("triton_"):  # before gemm: Inductor names kernels after the ops they feed
+        return "triton"
+    if any(k in low for k in ("gemm", "cutlass", "sm90_xmma", "scaled_mm", "nvjet", "f8f8")):
+        return "gemm"
+    if any(k in low for k in ("cudnn", "flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    return "other"
+
+
+class GraphedTransformer:
+    """The transformer's forward replayed from one CUDA graph per input shape."""
+
+    def __init__(self, transformer: Any) -> None:
+        self.forward = transformer.forward
+        self.graphs: dict[tuple, tuple] = {}
+        transformer.forward = self
+
+    def __call__(self, **kwargs: Any) -> Any:
+        key = tuple((k, tuple(x.shape), x.dtype) if torch.is_tensor(x) else (k, repr(x))
+                    for k, x in sorted(kwargs.items()))
+        if key not in self.graphs:
+            out = self.forward(**kwargs)
+            static = {k: (x.clone() if torch.is_tensor(x) else x) for k, x in kwargs.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.forward(**static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.forward(**static)
+            self.graphs[key] = (graph, static, static_out)
+            return out
+        graph, static, static_out = self.graphs[key]
+        for k, x in kwargs.items():
+            if torch.is_tensor(x):
+                static[k].copy_(x)
+        graph.replay()
+        return tuple(o.clone() for o in static_out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", type=Path, default=Path("/tmp/fluxbench"))
+    parser.add_argument("--cache", type=Path, required=True, help="compile cache (empty: compiles first)")
+    parser.add_argument("--perf", default="fp8")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--graphs", action="store_true", help="also time the transformer replayed from CUDA graphs")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    v = variant(make_store(args.work, schnell=False), "flux-dev", {"steps": 28, "guidance": 3.5,
+                                                                    "max_sequence_length": 512})
+    engine = Engine([v], Path("/nonexistent"), "full", perf=args.perf, compile_cache=args.cache)
+    engine.load()
+    res: dict[str, Any] = {"mode": engine.perf, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                           "inductor_env": {k: val for k, val in os.environ.items() if k.startswith("TORCHINDUCTOR")},
+                           "timings": engine.timings}
+
+    def job(steps: int, msl: int) -> Job:
+        return Job(variant=v.name, prompt="A cat holding a sign", width=1024, height=1024, steps=steps,
+                   guidance=3.5, seed=0, n=1, max_sequence_length=msl)
+
+    def median_s(steps: int = 28, msl: int = 512) -> float:
+        times = []
+        for _ in range(args.runs + 1):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            with contextlib.suppress(NonFinite):  # random weights may overflow; the time is the full path's
+                engine.generate(job(steps, msl))
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])
+
+    res["e2e_28"], res["e2e_schnell4"] = median_s(), median_s(4, 256)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with contextlib.suppress(NonFinite):
+            engine.generate(job(4, 512))
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for event in prof.key_averages():
+        if event.key.startswith("aten::") or event.self_device_time_total <= 0:
+            continue  # operators: their kernels are counted as kernels
+        by_kind[kind(event.key)] += event.self_device_time_total
+        per_kernel[event.key] += event.self_device_time_total
+        calls[event.key] += event.count
+    res["kernel_ms_4steps_by_kind"] = {k: round(us / 1000, 2) for k, us in by_kind.items()}
+    res["top_kernels_ms"] = [(k[:120], round(us / 1000, 2), calls[k])
+                             for k, us in sorted(per_kernel.items(), key=lambda x: -x[1])[:40]]
+    if args.graphs:
+        res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        GraphedTransformer(engine.pipes[v.name].transformer)
+        res["graphs_e2e_28"], res["graphs_e2e_schnell4"] = median_s(), median_s(4, 256)
+        res["graphs_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps({k: val for k, val in res.items() if k != "top_kernels_ms"}), flush=True)
+    args.out.write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
