@@ -5,8 +5,9 @@ Builds the Engine as `fluxstack runtime serve` does (load, perf mode, warm-up), 
 tokens; medians of --runs after one more), then profiles one 4-step image with torch.profiler and
 sums the GPU kernels' own time by kind:
 
-  gemm       cuBLAS/cuBLASLt matrix multiplications (fp8 `_scaled_mm` and bf16)
-  attention  the SDPA kernels (cuDNN flash attention on H100)
+  gemm       cuBLAS/cuBLASLt matrix multiplications (fp8 `_scaled_mm` and bf16) and the VAE's
+             implicit-GEMM convolutions
+  attention  the SDPA kernels (cuDNN flash attention on H100; the VAE's memory-efficient one)
   triton     Inductor's fused element-wise/reduction kernels: norms, modulation, RoPE, GELU and the
              per-token fp8 quantization of every linear layer's input
   other      the rest (the VAE's convolutions, copies)
@@ -45,10 +46,10 @@ def kind(kernel: str) -> str:
     low = kernel.lower()
     if kernel.startswith("triton_"):  # before gemm: Inductor names kernels after the ops they feed
         return "triton"
+    if any(k in low for k in ("flash", "fmha", "attention", "sdpa")):  # before gemm: fmha_cutlass* is attention
+        return "attention"
     if any(k in low for k in ("gemm", "cutlass", "sm90_xmma", "scaled_mm", "nvjet", "f8f8")):
         return "gemm"
-    if any(k in low for k in ("cudnn", "flash", "fmha", "attention", "sdpa")):
-        return "attention"
     return "other"
 
 
