@@ -195,7 +195,7 @@ def test_the_warm_up_runs_the_shape_a_default_request_runs(tiny: Path, task: str
     engine = Engine([v], tiny / "loras", "cpu", perf="exact")
     engine.load()
     seen: list[int] = []
-    engine.pipes["tiny-flux"].transformer.register_forward_hook(lambda _m, args, kw, _o: seen.append(
+    engine.pipes["tiny-flux"].transformer.register_forward_hook(lambda _m, _args, kw, _o: seen.append(
         kw["hidden_states"].shape[1]), with_kwargs=True)
     engine._warm_up(v)
     assert seen == [tokens]  # one step; 64x64 is 16 latent tokens, and 16 more of the input image
@@ -274,6 +274,24 @@ def test_a_damaged_prepared_file_is_removed_and_the_store_file_used(tiny: Path, 
     assert transformer is None and "unusable, removed" in note and not path.exists()
     assert engine._load_prepared(path, tiny / "configs/tiny-flux", "cpu") == (None, f"none yet at {path}")
     assert engine._load_prepared(None, tiny, "cpu") == (None, "off")
+
+
+def test_a_gpu_too_full_for_the_prepared_file_says_so_and_keeps_it(tiny: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake out-of-memory error (CI has no GPU to fill): the file is not damaged, so it stays."""
+    from fluxstack.runtime import engine, prepared
+
+    path = prepared.prepared_path(tmp_path, "ab" * 32)
+    prepared.save(quantized_tiny(tiny), path)
+
+    def full_gpu(*_args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 72.00 MiB")
+
+    monkeypatch.setattr(prepared, "load", full_gpu)
+    with pytest.raises(UsageError, match="too little free memory for the prepared transformer") as caught:
+        engine._load_prepared(path, tiny / "configs/tiny-flux", "cuda")
+    assert "the file is kept): free GPU memory" in str(caught.value) and "CUDA out of memory" in str(caught.value)
+    assert path.exists()
 
 
 def test_a_prepared_file_that_cannot_be_written_costs_only_the_speed_up(tiny: Path, tmp_path: Path) -> None:

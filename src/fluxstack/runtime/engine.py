@@ -181,8 +181,12 @@ def _load_prepared(path: Path | None, config_dir: Path, device: str) -> tuple[An
     t = time.monotonic()
     try:
         transformer = prepared.load(config_dir, path, device)
-    except torch.OutOfMemoryError:
-        raise  # the file is fine; the GPU is too full for the model either way
+    except torch.OutOfMemoryError as exc:
+        # The file is fine (kept); the GPU is too full for this model whichever file it comes from.
+        raise UsageError(f"the GPU has too little free memory for the prepared transformer {path} "
+                         f"({path.stat().st_size / GiB:.1f} GiB; the file is kept): free GPU memory (nvidia-smi "
+                         "shows which process holds it), or raise --gpu-memory-limit if you set one "
+                         f"({str(exc).splitlines()[0][:200]})") from exc
     except Exception as exc:  # noqa: BLE001 - any damage to a cache file means: rebuild it from the store
         path.unlink(missing_ok=True)
         return None, f"unusable, removed ({type(exc).__name__}: {str(exc)[:200]}); rebuilding {path}"
