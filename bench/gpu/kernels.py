@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from runtime_bench import make_store, variant
+from runtime_bench import make_store, timed, variant
 
 from fluxstack.runtime.engine import Engine, Job, NonFinite
 
@@ -106,23 +105,18 @@ def main() -> int:
         return Job(variant=v.name, prompt="A cat holding a sign", width=1024, height=1024, steps=steps,
                    guidance=3.5, seed=0, n=1, max_sequence_length=msl)
 
+    def generate(steps: int, msl: int) -> None:
+        with contextlib.suppress(NonFinite):  # random weights may overflow; the time is the full path's
+            engine.generate(job(steps, msl))
+
     def median_s(steps: int = 28, msl: int = 512) -> float:
-        times = []
-        for _ in range(args.runs + 1):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            with contextlib.suppress(NonFinite):  # random weights may overflow; the time is the full path's
-                engine.generate(job(steps, msl))
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times[1:])
+        return statistics.median(timed(lambda: generate(steps, msl), args.runs + 1)[1:])
 
     res["e2e_28"], res["e2e_schnell4"] = median_s(), median_s(4, 256)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        with contextlib.suppress(NonFinite):
-            engine.generate(job(4, 512))
+        generate(4, 512)
         torch.cuda.synchronize()
     by_kind: dict[str, float] = defaultdict(float)
     per_kernel: dict[str, float] = defaultdict(float)
