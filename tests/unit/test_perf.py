@@ -14,7 +14,7 @@ from fluxstack.errors import UsageError
 torch = pytest.importorskip("torch", reason="the runtime extra is not installed")
 pytest.importorskip("diffusers", reason="the runtime extra is not installed")
 
-from fluxstack.runtime import perf  # noqa: E402
+from fluxstack.runtime import fp8, perf  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +120,16 @@ def test_step_cache_reuses_the_previous_output_on_skipped_steps() -> None:
     assert model.calls == 22  # a new request starts a new schedule
 
 
-def test_fp8_layers_share_one_class() -> None:
-    # compiled blocks guard on their layers' types: one class per block would recompile each block
-    a = perf.quantize_linears(torch.nn.Sequential(torch.nn.Linear(32, 32)))
-    b = perf.quantize_linears(torch.nn.Sequential(torch.nn.Linear(32, 32)))
-    assert a == b == 1
-    assert perf._fp8_linear_class() is perf._fp8_linear_class()
+def test_a_quantized_model_survives_torch_save_and_load(tmp_path: Path) -> None:
+    # pickle, like torch.compile's caches, finds the layer class by its import path: a class made
+    # inside a function cannot be saved at all
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    assert fp8.quantize_linears(model) == 2
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.randn(3, 32)
+    assert isinstance(loaded[0], fp8.Fp8Linear) and loaded[2].weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(loaded(x), model(x))
 
 
 def test_fused_qkv_gives_the_same_output_and_drops_the_unfused_copies(tiny: Path) -> None:
@@ -155,7 +159,7 @@ def test_fp8_blocks_stay_close_to_the_bf16_output(tiny: Path) -> None:
     with torch.no_grad():
         ref = t(**x)[0]
         perf.fuse_qkv(t)
-        n = perf.quantize_linears(t.transformer_blocks) + perf.quantize_linears(t.single_transformer_blocks)
+        n = fp8.quantize_linears(t.transformer_blocks) + fp8.quantize_linears(t.single_transformer_blocks)
         out = t(**x)[0]
     assert n > 0 and t.transformer_blocks[0].attn.to_qkv.weight.dtype == torch.float8_e4m3fn
     # weight-only e4m3 (the CPU path): about 2% RMS per weight, far from a different function
@@ -234,7 +238,7 @@ def quantized_tiny(tiny: Path) -> object:
                                                 torch_dtype=torch.float32, local_files_only=True)
     for block in [*t.transformer_blocks, *t.single_transformer_blocks]:
         perf.fuse_qkv(block)
-        perf.quantize_linears(block)
+        fp8.quantize_linears(block)
     return t
 
 
@@ -254,7 +258,7 @@ def test_prepared_weights_load_to_the_same_transformer(tiny: Path, tmp_path: Pat
     assert path.stat().st_size == size and not stale.exists()
     assert sorted(tmp_path.glob("*.part")) == [alive]
     loaded = prepared.load(tiny / "configs/tiny-flux", path, "cpu")
-    assert isinstance(loaded.transformer_blocks[0].attn.to_qkv, perf._fp8_linear_class())
+    assert isinstance(loaded.transformer_blocks[0].attn.to_qkv, fp8.Fp8Linear)
     assert loaded.single_transformer_blocks[0].proj_mlp.weight.dtype == torch.float8_e4m3fn
     x = transformer_inputs(2)
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), t.state_dict().values(), strict=True))

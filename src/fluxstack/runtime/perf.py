@@ -18,7 +18,6 @@ memory and error of each mode; bench/gpu/perf_bench.py measures them.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable
@@ -31,7 +30,6 @@ PERF_MODES = ("auto", "exact", "bf16", "fp8", "fast")
 # auto's preference, fastest first. Only modes whose quality guard held on the H100 benchmark
 # (bench/results/perf-h100-*.json, docs/performance.md) are listed.
 AUTO_ORDER = ("fp8", "bf16", "exact")
-E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 ON_GPU_PROFILES = ("full", "fp8")  # the profiles that keep the whole transformer on the GPU
 PREPARE_SECONDS: dict[str, float] = {}  # where prepare_blocks spent its time, for the benchmark
 
@@ -125,75 +123,6 @@ class StepCache:
         return self.last
 
 
-# -- fp8 linear layers ----------------------------------------------------------------------
-@functools.cache
-def _fp8_linear_class() -> type:
-    """One class for the whole process: compiled blocks guard on their layers' types, and a class
-    made per block would make each of the 57 blocks a recompilation (and hit dynamo's limit)."""
-    import torch
-    from torch.nn import functional
-
-    class Fp8Linear(torch.nn.Module):
-        """y = x W^T + b with W stored in float8 e4m3 and one float32 scale per output row.
-
-        On CUDA the activations are quantized per token (row) on every call and multiplied on the
-        fp8 tensor cores (torch._scaled_mm, rowwise scales); torch.compile fuses the quantization
-        into the previous op's kernel. Elsewhere (tests on the CPU) W is dequantized instead."""
-
-        def __init__(self, linear: torch.nn.Linear) -> None:
-            super().__init__()
-            w = linear.weight.detach()
-            scale = w.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-            self.in_features, self.out_features = linear.in_features, linear.out_features
-            self.weight = torch.nn.Parameter((w.float() / scale).clamp(-E4M3_MAX, E4M3_MAX)
-                                             .to(torch.float8_e4m3fn), requires_grad=False)
-            self.weight_scale = torch.nn.Parameter(scale.reshape(1, -1), requires_grad=False)  # (1, N): _scaled_mm's
-            self.bias = (torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
-                         if linear.bias is not None else None)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            shape = x.shape
-            x2 = x.reshape(-1, shape[-1])
-            if x2.is_cuda:
-                rows = x2.shape[0]
-                pad = -rows % 16  # cuBLASLt fp8 wants multiples of 16; the modulation layers see one row
-                if pad:
-                    x2 = functional.pad(x2, (0, 0, 0, pad))
-                x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-                xq = (x2.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-                out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
-                                       out_dtype=x.dtype)
-                if pad:
-                    out = out[:rows]
-            else:
-                w = self.weight.to(x.dtype) * self.weight_scale.reshape(-1, 1).to(x.dtype)
-                out = functional.linear(x2, w)
-            if self.bias is not None:
-                out = out + self.bias
-            return out.reshape(*shape[:-1], self.out_features)
-
-        def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, float8_e4m3fn rowwise"
-
-    return Fp8Linear
-
-
-def quantize_linears(module: Any) -> int:
-    """Replace every linear layer inside `module` with an Fp8Linear (where it is; call it on GPU
-    weights: quantizing 12B parameters on the CPU takes half a minute); returns how many."""
-    import torch
-
-    fp8_linear = _fp8_linear_class()
-    count = 0
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear) and child.in_features % 16 == 0 and child.out_features % 16 == 0:
-                with torch.no_grad():
-                    setattr(parent, name, fp8_linear(child))
-                count += 1
-    return count
-
-
 def fuse_qkv(module: Any) -> None:
     """Fuse the q/k/v (and added q/k/v) projections of every attention inside `module`, and drop the
     unfused copies diffusers keeps for unfusing (4 GiB of GPU memory on FLUX.1-dev, never used again)."""
@@ -214,6 +143,8 @@ def prepare_blocks(transformer: Any, fp8: bool) -> int:
     block at a time means the bf16 transformer is never on the GPU as a whole (24 GB cards); on
     the GPU, fusing and quantizing take about a second instead of half a minute on the CPU."""
     import torch
+
+    from fluxstack.runtime.fp8 import quantize_linears
 
     count = 0
     seconds = {"move": 0.0, "fuse": 0.0, "quantize": 0.0}
@@ -281,7 +212,9 @@ def apply(pipe: Any, mode: str, profile: str, prepared: bool = False,
     transformer = pipe.transformer
     t = time.perf_counter()
     if prepared:
-        info["fp8_layers"] = sum(isinstance(m, _fp8_linear_class()) for m in transformer.modules())
+        from fluxstack.runtime.fp8 import Fp8Linear
+
+        info["fp8_layers"] = sum(isinstance(m, Fp8Linear) for m in transformer.modules())
     else:
         # Embedders and the final layer are under 1% of the work and stay bf16.
         info["fp8_layers"] = prepare_blocks(transformer, fp8=mode in ("fp8", "fast"))

@@ -92,7 +92,8 @@ def load(config_dir: Path, path: Path, device: str) -> Any:
     from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
-    from fluxstack.runtime.perf import fuse_qkv, quantize_linears
+    from fluxstack.runtime.fp8 import quantize_linears
+    from fluxstack.runtime.perf import fuse_qkv
 
     config = FluxTransformer2DModel.load_config(str(config_dir), subfolder="transformer")
     with torch.device("meta"):
