@@ -15,8 +15,14 @@ sums the GPU kernels' own time by kind:
 With --graphs, the whole transformer call is then captured in one CUDA graph per input shape (replayed
 with the step's inputs copied in) and timed again, to see how much launch overhead is left.
 
+With --persistent-up-to N, Inductor makes every row reduction up to N elements wide one-pass
+("persistent": the row stays in registers) instead of its own limit of 1024; the per-token fp8
+quantization reduces rows 3072-15360 wide. Use a fresh --cache: the choice is not part of
+Inductor's cache key.
+
     python bench/gpu/kernels.py --work /tmp/fluxbench --cache /tmp/cc --perf fp8 --graphs --out k.json
-Inductor settings come from the environment, e.g. TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1.
+Inductor settings come from the environment, e.g. TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 or
+TORCHINDUCTOR_MULTI_KERNEL=1.
 """
 
 from __future__ import annotations
@@ -50,6 +56,24 @@ def kind(kernel: str) -> str:
     if any(k in low for k in ("gemm", "cutlass", "sm90_xmma", "scaled_mm", "nvjet", "f8f8")):
         return "gemm"
     return "other"
+
+
+def persistent_reductions_up_to(width: int) -> None:
+    """Make Inductor compile row reductions up to `width` elements as one-pass (persistent) kernels."""
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.virtualized import V
+
+    class WideRows(InductorChoices):
+        @staticmethod
+        def should_use_persistent_reduction(features: Any, cooperative_reduction: bool) -> bool:
+            if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction):
+                return True
+            return (torch._inductor.config.triton.persistent_reductions and not cooperative_reduction
+                    and features.get_reduction_hint() == ReductionHint.INNER
+                    and V.graph.sizevars.statically_known_leq(features.reduction_numel, width))
+
+    V.set_choices_handler(WideRows())
 
 
 class GraphedTransformer:
@@ -91,14 +115,19 @@ def main() -> int:
     parser.add_argument("--perf", default="fp8")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--graphs", action="store_true", help="also time the transformer replayed from CUDA graphs")
+    parser.add_argument("--persistent-up-to", type=int, metavar="N",
+                        help="one-pass (persistent) reductions for rows up to N elements (Inductor: 1024)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.persistent_up_to:
+        persistent_reductions_up_to(args.persistent_up_to)
     v = variant(make_store(args.work, schnell=False), "flux-dev", {"steps": 28, "guidance": 3.5,
                                                                     "max_sequence_length": 512})
     engine = Engine([v], Path("/nonexistent"), "full", perf=args.perf, compile_cache=args.cache)
     engine.load()
     res: dict[str, Any] = {"mode": engine.perf, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                            "inductor_env": {k: val for k, val in os.environ.items() if k.startswith("TORCHINDUCTOR")},
+                           "persistent_up_to": args.persistent_up_to,
                            "timings": engine.timings}
 
     def job(steps: int, msl: int) -> Job:
