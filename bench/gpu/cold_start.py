@@ -33,14 +33,13 @@ def child(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
     import torch
-    from runtime_bench import store_paths, variant
+    from runtime_bench import DEV_DEFAULTS, store_paths, variant
 
     from fluxstack.runtime.engine import Engine, Job, NonFinite
 
     stamps = {"imported": time.time()}
     # The files exist already (the parent wrote them, untimed): like `runtime serve`, only read them.
-    v = variant(store_paths(args.work, schnell=False), "flux-dev", {"steps": 28, "guidance": 3.5,
-                                                                   "max_sequence_length": 512})
+    v = variant(store_paths(args.work, schnell=False), "flux-dev", DEV_DEFAULTS)
     stamps["store_checked"] = time.time()
     engine = Engine([v], Path("/nonexistent"), args.profile, perf=args.perf, compile_cache=args.cache,
                     prepared_weights=not args.no_prepared_weights)

@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from runtime_bench import make_store, timed, variant
+from runtime_bench import DEV_DEFAULTS, make_store, timed, variant
 
 from fluxstack.runtime.engine import Engine, Job, NonFinite
 
@@ -121,8 +121,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.persistent_up_to:
         persistent_reductions_up_to(args.persistent_up_to)
-    v = variant(make_store(args.work, schnell=False), "flux-dev", {"steps": 28, "guidance": 3.5,
-                                                                    "max_sequence_length": 512})
+    v = variant(make_store(args.work, schnell=False), "flux-dev", DEV_DEFAULTS)
     engine = Engine([v], Path("/nonexistent"), "full", perf=args.perf, compile_cache=args.cache)
     engine.load()
     res: dict[str, Any] = {"mode": engine.perf, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -24,10 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from PIL import Image
-from runtime_bench import make_store, timed, variant
+from runtime_bench import DEV_DEFAULTS, make_store, timed, variant
 
 from fluxstack.runtime.engine import Engine, Job, NonFinite
-from fluxstack.runtime.variants import Variant
 
 
 def main() -> int:
@@ -38,9 +38,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=4)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    base = variant(make_store(args.work, schnell=False), "flux-kontext-dev",
-                   {"steps": 28, "guidance": 2.5, "max_sequence_length": 512})
-    v = Variant(base.name, "image-edit", base.manifest, base.paths, base.defaults, base.sha256)
+    v = dataclasses.replace(variant(make_store(args.work, schnell=False), "flux-kontext-dev",
+                                    DEV_DEFAULTS | {"guidance": 2.5}), task="image-edit")
     t = time.monotonic()
     engine = Engine([v], Path("/nonexistent"), "full", perf=args.perf, compile_cache=args.cache)
     engine.load()

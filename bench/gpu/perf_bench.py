@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from runtime_bench import make_store, timed, variant
+from runtime_bench import DEV_DEFAULTS, make_store, timed, variant
 
 from fluxstack.runtime.engine import Engine, Job, NonFinite, build_pipeline
 from fluxstack.runtime.perf import computed_steps
@@ -255,7 +255,7 @@ def main() -> int:
     t = time.perf_counter()
     dev = make_store(args.work, schnell=False)
     results["write_files_s"] = time.perf_counter() - t
-    v = variant(dev, "flux-dev", {"steps": 28, "guidance": 3.5, "max_sequence_length": 512})
+    v = variant(dev, "flux-dev", DEV_DEFAULTS)
     modes = args.modes.split(",")
     embeds: dict[str, Any] = {}
     failed = []

@@ -45,6 +45,8 @@ from fluxstack.runtime.engine import Engine, Job, NonFinite, build_pipeline
 from fluxstack.runtime.tiny import _clip_tokenizer, _t5_tokenizer
 from fluxstack.runtime.variants import BASE_DEFAULTS, Variant
 
+# What the benchmarks ask of FLUX.1-dev: the guide's 28 steps, guidance 3.5 and 512 T5 tokens.
+DEV_DEFAULTS = {"steps": 28, "guidance": 3.5, "max_sequence_length": 512}
 DEV_SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
                  "shift": 3.0, "use_dynamic_shifting": True}
 SCHNELL_SCHEDULER = {"base_image_seq_len": 256, "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,

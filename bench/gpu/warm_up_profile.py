@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from runtime_bench import make_store, variant
+from runtime_bench import DEV_DEFAULTS, make_store, variant
 
 from fluxstack.runtime.engine import Engine
 
@@ -38,8 +38,7 @@ def main() -> int:
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    v = variant(make_store(args.work, schnell=False), "flux-dev", {"steps": 28, "guidance": 3.5,
-                                                                    "max_sequence_length": 512})
+    v = variant(make_store(args.work, schnell=False), "flux-dev", DEV_DEFAULTS)
     engine = Engine([v], Path("/nonexistent"), "full", perf=args.perf, compile_cache=args.cache, warm_up=False)
     engine.load()
     torch.cuda.synchronize()
