@@ -63,7 +63,7 @@ def build(work: Path, tiny: bool) -> tuple[Any, dict[str, Any], str, str]:
         paths = make_store(work, schnell=False)
         t = FluxTransformer2DModel.from_single_file(str(paths["transformer"]), config=str(paths["config"]),
                                                     subfolder="transformer", torch_dtype=torch.bfloat16,
-                                                    local_files_only=True, device_map="cuda")
+                                                    local_files_only=True).to("cuda")
         perf.prepare_blocks(t, fp8=True)
         attention = perf.best_attention_backend(t)
         device, dtype, tokens, text = "cuda", torch.bfloat16, 4096, 512
@@ -139,7 +139,22 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def probe_package(work: Path, device: str) -> Path:
+    """One bf16 linear layer as an AOTInductor package: loading it tells whether this torch and
+    compiler can load any package at all on `device`."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    layer = torch.nn.Linear(256, 256).to(device, dtype)
+    program = torch.export.export(layer, (torch.randn(64, 256, device=device, dtype=dtype),))
+    return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(work / "aot/probe.pt2")))
+
+
 def child(args: argparse.Namespace) -> None:
+    if args.child == "probe":
+        layer = torch._inductor.aoti_load_package(str(args.work / "aot/probe.pt2"))
+        device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+        x = torch.randn(64, 256, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        print("RESULT " + json.dumps({"way": "probe", "output_shape": list(layer(x).shape)}), flush=True)
+        return
     t, inputs, device, _ = build(args.work, args.tiny)
     sync(device)
     start = time.perf_counter()
@@ -170,7 +185,15 @@ def run_child(args: argparse.Namespace, way: str) -> dict:
     cmd = [sys.executable, __file__, "--child", way, "--work", str(args.work), "--calls", str(args.calls)]
     proc = subprocess.run(cmd + (["--tiny"] if args.tiny else []), capture_output=True, text=True)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-    return json.loads(line[7:]) if line else {"way": way, "error": proc.stderr[-3000:]}
+    # A crash in native code leaves no Python traceback: the exit status (-11: SIGSEGV) is the news.
+    return json.loads(line[7:]) if line else {"way": way, "returncode": proc.returncode,
+                                               "error": proc.stderr[-3000:]}
+
+
+def report(res: dict, out: Path | None) -> None:
+    print(json.dumps(res, indent=1), flush=True)
+    if out:
+        out.write_text(json.dumps(res, indent=1))
 
 
 def main() -> int:
@@ -178,19 +201,25 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/fluxbench"))
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU (checks the mechanism)")
     parser.add_argument("--calls", type=int, default=5)
-    parser.add_argument("--child", choices=("dynamo", "aot"))
+    parser.add_argument("--child", choices=("dynamo", "aot", "probe"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.child:
         child(args)
         return 0
-    t, inputs, device, attention = build(args.work, args.tiny)
     (args.work / "aot").mkdir(parents=True, exist_ok=True)
+    device = "cpu" if args.tiny else "cuda"
+    probe_package(args.work, device)
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                           "torch": torch.__version__, "tiny": args.tiny, "load_probe": run_child(args, "probe")}
+    if "error" in res["load_probe"]:
+        # The blocks' packages could not load either: say so instead of spending minutes compiling them.
+        report(res, args.out)
+        return 1
+    t, inputs, device, attention = build(args.work, args.tiny)
     with torch.inference_mode():
         torch.save(t(**inputs)[0].float().cpu(), args.work / "aot/reference.pt")
-    res: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-                           "torch": torch.__version__, "tiny": args.tiny, "attention": attention,
-                           "export_s": {}, "aot_compile_s": {}}
+    res |= {"attention": attention, "export_s": {}, "aot_compile_s": {}}
     for kind, example in block_inputs(t, inputs).items():
         block = t.transformer_blocks[0] if kind == BLOCK_KINDS[0] else t.single_transformer_blocks[0]
         try:
@@ -212,9 +241,7 @@ def main() -> int:
     res["dynamo_empty_cache"], res["dynamo_warm_cache"] = run_child(args, "dynamo"), run_child(args, "dynamo")
     if "aot_errors" not in res:
         res["aot"] = run_child(args, "aot")
-    print(json.dumps(res, indent=1), flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(res, indent=1))
+    report(res, args.out)
     return 0
 
 

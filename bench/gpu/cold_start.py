@@ -1,11 +1,11 @@
 """Cold start: process start to first image, with the weights in the page cache (issue 4).
 
 Runs the runtime twice as fresh processes against one compile-cache folder: the first run finds
-it empty and compiles, the second finds what the first stored (what a restarted container with
-the cache on a volume sees). Each child builds the Engine exactly as `fluxstack runtime serve`
-does (load, quantize, compile or load compiled kernels, one warm-up step), then generates one
-FLUX.1-dev 1024x1024 28-step image through Engine.generate. Times are from just before the
-child process is spawned.
+it empty (unless an earlier invocation filled it) and compiles, the second finds what the first
+stored (what a restarted container with the cache on a volume sees). Each child builds the Engine
+exactly as `fluxstack runtime serve` does (load, quantize, compile or load compiled kernels, one
+warm-up step), then generates one FLUX.1-dev 1024x1024 28-step image through Engine.generate.
+Times are from just before the child process is spawned.
 
     python bench/gpu/cold_start.py --work /tmp/fluxbench --perf fp8 --cache /tmp/cc --out cold.json
 
@@ -13,6 +13,11 @@ child process is spawned.
 bytecode under DIR (untimed) and runs the processes with PYTHONPYCACHEPREFIX=DIR, as in the runtime
 image, which installs its packages with bytecode compiled: a host Python without .pyc files
 otherwise compiles sources on every start.
+
+--only-locked LOCK hides from the processes every installed distribution that LOCK (the image's
+requirements/runtime.lock) does not name. diffusers and transformers import optional packages
+when they find them (scipy, scikit-learn, pandas, ...), which a GPU host's Python may carry and the
+image does not, so the host's import time alone says little about the image's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ T0 = time.time()
 
 
 def child(args: argparse.Namespace) -> None:
+    if args.hide:
+        hidden = json.loads(args.hide.read_text())
+        hide(set(hidden["hidden"]), set(hidden["hidden_distributions"]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
     import torch
@@ -68,6 +76,69 @@ def child(args: argparse.Namespace) -> None:
     print("STAMPS " + json.dumps({**stamps, "perf": engine.perf, "peak_gib": peak}), flush=True)
 
 
+def canonical(name: str) -> str:
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+def unlocked_modules(lock: Path) -> dict:
+    """The top-level modules of the installed distributions that `lock` does not name (a folder such
+    as nvidia/ that a locked distribution shares stays visible), and how the host differs from it.
+    What the host's versions of locked distributions require stays visible too: the image's versions
+    have their own equivalents (the host's huggingface_hub may need httpx where the lock has httpx2)."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    pins: dict[str, str] = {}
+    for line in lock.read_text().splitlines():
+        if "==" in line and not line[:1].isspace() and not line.startswith("#"):
+            name, version = line.split(";")[0].split("==")
+            pins[canonical(name.split("[")[0])] = version.strip(" \\")
+    dists: dict[str, md.Distribution] = {}
+    for dist in md.distributions():
+        dists.setdefault(canonical(dist.metadata["Name"]), dist)  # the first on sys.path is the one imports find
+    keep, queue = set(pins) & set(dists), list(set(pins) & set(dists))
+    while queue:
+        for text in dists[queue.pop()].requires or []:
+            req = Requirement(text)
+            name = canonical(req.name)
+            if name in dists and name not in keep and (req.marker is None or req.marker.evaluate({"extra": ""})):
+                keep.add(name)
+                queue.append(name)
+    tops: dict[bool, set[str]] = {True: {"fluxstack"}, False: set()}  # the image installs fluxstack too
+    for name, dist in dists.items():
+        for f in dist.files or []:
+            top = f.parts[0].split(".")[0] if len(f.parts) == 1 else f.parts[0]  # a module file, or a folder
+            if top not in ("..", "__pycache__") and not top.endswith((".dist-info", ".data", ".pth")):
+                tops[name in keep].add(top)
+    return {"hidden": sorted(tops[False] - tops[True]),
+            "hidden_distributions": sorted(set(dists) - keep),
+            "kept_for_host_versions": sorted(keep - set(pins)),
+            "locked_not_installed": sorted(set(pins) - set(dists)),
+            "other_versions": {n: f"{dists[n].version} (lock {v})" for n, v in sorted(pins.items())
+                               if n in dists and dists[n].version.split("+")[0] != v}}
+
+
+def hide(modules: set[str], distributions: set[str]) -> None:
+    """Make imports and importlib.util.find_spec miss these top-level modules, and importlib.metadata
+    these distributions, as in an image without them. diffusers and transformers probe optional
+    packages both ways, and reading every installed distribution's file list
+    (importlib.metadata.packages_distributions) takes time in proportion to how many there are."""
+    import importlib.machinery
+
+    class LockedPathFinder(importlib.machinery.PathFinder):
+        @classmethod
+        def find_spec(cls, fullname, path=None, target=None):  # type: ignore[no-untyped-def]
+            return None if fullname.split(".")[0] in modules else super().find_spec(fullname, path, target)
+
+        @classmethod
+        def find_distributions(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return (d for d in super().find_distributions(*args, **kwargs)
+                    if canonical(d.metadata["Name"] or "") not in distributions)
+
+    sys.meta_path[:] = [LockedPathFinder if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+
+
 def compile_bytecode(prefix: Path) -> None:
     import diffusers
     import torch
@@ -95,6 +166,9 @@ def main() -> int:
     parser.add_argument("--no-prepared-weights", action="store_true")
     parser.add_argument("--bytecode", type=Path, metavar="DIR",
                         help="compile the packages to bytecode under DIR first and start the processes with it")
+    parser.add_argument("--only-locked", type=Path, metavar="LOCK",
+                        help="hide the installed distributions LOCK does not name (requirements/runtime.lock)")
+    parser.add_argument("--hide", type=Path, help=argparse.SUPPRESS)  # what the child hides
     args = parser.parse_args()
     if args.child:
         child(args)
@@ -109,11 +183,18 @@ def main() -> int:
     if args.bytecode:
         env["PYTHONPYCACHEPREFIX"] = str(args.bytecode)
         compile_bytecode(args.bytecode)
+    hidden: list[str] = []
+    if args.only_locked:
+        packages = unlocked_modules(args.only_locked)
+        results[f"{key}_packages"] = packages
+        (args.work / "hidden.json").write_text(json.dumps(packages))
+        hidden = ["--hide", str(args.work / "hidden.json")]
     results[key] = []
     for i in range(args.runs):
+        cache = "warm" if args.cache.is_dir() and any(args.cache.iterdir()) else "empty"
         start = time.time()
         proc = subprocess.run([sys.executable, __file__, "--child", "--work", str(args.work), "--perf", args.perf,
-                               "--profile", args.profile, "--cache", str(args.cache)]
+                               "--profile", args.profile, "--cache", str(args.cache), *hidden]
                               + (["--no-prepared-weights"] if args.no_prepared_weights else []),
                               capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("STAMPS ")), None)
@@ -121,7 +202,7 @@ def main() -> int:
             results[key].append({"run": i, "error": proc.stderr[-3000:]})
         else:
             s = json.loads(line[7:])
-            results[key].append({"run": i, "cache": "empty" if i == 0 else "warm", "perf": s["perf"],
+            results[key].append({"run": i, "cache": cache, "perf": s["perf"],
                                  "child_env": args.child_env,
                                  "imports_s": s["imported"] - start, "ready_s": s["ready"] - start,
                                  "first_image_s": s["first_image"] - start,
