@@ -91,3 +91,27 @@ def test_image_refuses_to_start_without_a_seeded_store(image: str, tmp_path: Pat
                  "flux-dev-runtime", "--profile", "cpu", check=False)
     assert run.returncode == 2
     assert "flux-dev-runtime" in run.stderr and "fluxstack manifest lock" in run.stderr
+
+
+# A module of the kind Triton's launcher is: C against Python's and CUDA's headers, built by Triton's
+# own build function. Only a GPU host has the driver's libcuda, so this one does not link it.
+LAUNCHER_PROBE = r'''
+import os
+import triton
+from triton.runtime.build import compile_module_from_src
+
+src = ('#include <Python.h>\n#include "cuda.h"\n'
+       'static struct PyModuleDef m = {PyModuleDef_HEAD_INIT, "launcher_probe", NULL, -1, NULL};\n'
+       'PyMODINIT_FUNC PyInit_launcher_probe(void) { return PyModule_Create(&m); }\n')
+include = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "include")
+print("loaded", compile_module_from_src(src, "launcher_probe", include_dirs=[include]).__name__)
+'''
+
+
+def test_image_can_build_what_triton_builds_on_its_first_gpu_run(image: str) -> None:
+    """Every performance mode but `exact` runs torch.compile, and on a GPU Triton first compiles its
+    kernel launcher with the image's C compiler; an image without one fails at warm-up with "Failed
+    to find C compiler". No GPU here: build and load a module of the same kind, as the service user."""
+    run = docker("run", "--rm", "--entrypoint", "python3", image, "-c", LAUNCHER_PROBE, check=False, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "loaded launcher_probe" in run.stdout
