@@ -79,6 +79,7 @@ def test_offload_profiles_keep_exact(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_auto_takes_the_fastest_mode_the_gpu_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(perf, "fp8_unsupported_reason", lambda: None)
+    monkeypatch.setattr(perf, "compiler_missing_reason", lambda: None)
     assert perf.choose_perf("auto", "full", "cuda")[0] == perf.AUTO_ORDER[0]
     # the fp8 memory profile (24 GB cards) never holds bf16 transformer weights on the GPU
     assert perf.choose_perf("auto", "fp8", "cuda")[0] in ("fp8", "fast")
@@ -91,6 +92,38 @@ def test_auto_takes_the_fastest_mode_the_gpu_runs(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(UsageError, match=r"compute capability 8\.0"):
         perf.choose_perf("fast", "full", "cuda")
     assert perf.choose_perf("auto", "fp8", "cuda")[0] == "exact"
+
+
+@pytest.fixture
+def gpu_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A host whose GPU runs fp8 (this machine has none), with an empty PATH and Python's headers in a
+    folder of the test's own: each test adds what the host has."""
+    monkeypatch.setattr(perf, "fp8_unsupported_reason", lambda: None)
+    monkeypatch.delenv("CC", raising=False)
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    include = tmp_path / "include"
+    include.mkdir()
+    real = perf.sysconfig.get_paths
+    monkeypatch.setattr(perf.sysconfig, "get_paths", lambda *a, **k: {**real(*a, **k), "include": str(include)})
+    return tmp_path
+
+
+def test_compiled_modes_need_a_c_compiler_and_python_headers(gpu_host: Path) -> None:
+    (gpu_host / "include/Python.h").write_text("")
+    # No compiler: auto runs exact and says why; a compiled mode by name is refused with what to install.
+    mode, why = perf.choose_perf("auto", "full", "cuda")
+    assert mode == "exact" and "C compiler" in why
+    with pytest.raises(UsageError, match=r"'fp8' cannot run here: .*install gcc.*--perf exact"):
+        perf.choose_perf("fp8", "full", "cuda")
+    gcc = gpu_host / "bin/gcc"
+    gcc.write_text("#!/bin/sh\n")
+    gcc.chmod(0o755)
+    assert perf.choose_perf("auto", "full", "cuda")[0] == "fp8"
+    # A compiler without Python's headers is not enough either.
+    (gpu_host / "include/Python.h").unlink()
+    with pytest.raises(UsageError, match=r"Python\.h is missing: install them \(Debian/Ubuntu: python3-dev\)"):
+        perf.choose_perf("bf16", "full", "cuda")
 
 
 def test_step_cache_schedule() -> None:

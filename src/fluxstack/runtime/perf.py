@@ -19,6 +19,8 @@ memory and error of each mode; bench/gpu/perf_bench.py measures them.
 from __future__ import annotations
 
 import os
+import shutil
+import sysconfig
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +51,22 @@ def fp8_unsupported_reason() -> str | None:
     return None
 
 
+def compiler_missing_reason() -> str | None:
+    """Why torch.compile cannot build GPU kernels here, or None when it can. The first time Triton
+    runs it builds its kernel launcher with a C compiler ($CC, else gcc or clang) against Python's
+    headers; without them the compiled modes would fail in the warm-up with a long traceback."""
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return ("torch.compile's GPU backend (Triton) builds its kernel launcher with a C compiler and found "
+                "none (gcc, clang or $CC): install gcc (the fluxstack images have it), or use --perf exact")
+    # Triton reads the headers from the default install scheme, with Debian's posix_local as posix_prefix.
+    scheme = sysconfig.get_default_scheme()
+    include = Path(sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"])
+    if not (include / "Python.h").is_file():
+        return (f"torch.compile's GPU backend (Triton) builds its kernel launcher against Python's headers and "
+                f"{include / 'Python.h'} is missing: install them (Debian/Ubuntu: python3-dev), or use --perf exact")
+    return None
+
+
 def choose_perf(requested: str, profile: str, device: str) -> tuple[str, str]:
     """(mode, why) for a requested mode on this hardware and memory profile.
 
@@ -72,6 +90,10 @@ def choose_perf(requested: str, profile: str, device: str) -> tuple[str, str]:
             # The fp8 memory profile exists so that no bf16 copy of the transformer is on the GPU.
             blocked["bf16"] = ("it computes from bf16 transformer weights on the GPU, which the fp8 memory profile "
                                "avoids; use --perf fp8 there (fp8 weights, faster) or --perf exact")
+        missing = compiler_missing_reason()
+        if missing:
+            for mode in ("bf16", "fp8", "fast"):
+                blocked.setdefault(mode, missing)
     if requested != "auto":
         if requested in blocked:
             raise UsageError(f"performance mode {requested!r} cannot run here: {blocked[requested]}")
