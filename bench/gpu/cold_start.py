@@ -80,7 +80,7 @@ def canonical(name: str) -> str:
     return name.lower().replace("_", "-").replace(".", "-")
 
 
-def unlocked_modules(lock: Path) -> dict:
+def unlocked_packages(lock: Path) -> dict:
     """The top-level modules of the installed distributions that `lock` does not name (a folder such
     as nvidia/ that a locked distribution shares stays visible), and how the host differs from it.
     What the host's versions of locked distributions require stays visible too: the image's versions
@@ -185,7 +185,7 @@ def main() -> int:
         compile_bytecode(args.bytecode)
     hidden: list[str] = []
     if args.only_locked:
-        packages = unlocked_modules(args.only_locked)
+        packages = unlocked_packages(args.only_locked)
         results[f"{key}_packages"] = packages
         (args.work / "hidden.json").write_text(json.dumps(packages))
         hidden = ["--hide", str(args.work / "hidden.json")]
