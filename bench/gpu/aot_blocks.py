@@ -140,8 +140,8 @@ def sync(device: str) -> None:
 
 
 def probe_package(work: Path, device: str) -> Path:
-    """One bf16 linear layer as an AOTInductor package: loading it tells whether this torch and
-    compiler can load any package at all on `device`."""
+    """One linear layer (bf16 on the GPU) as an AOTInductor package: loading it tells whether this
+    torch and compiler can load any package at all on `device`."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     layer = torch.nn.Linear(256, 256).to(device, dtype)
     program = torch.export.export(layer, (torch.randn(64, 256, device=device, dtype=dtype),))
