@@ -76,10 +76,6 @@ def child(args: argparse.Namespace) -> None:
     print("STAMPS " + json.dumps({**stamps, "perf": engine.perf, "peak_gib": peak}), flush=True)
 
 
-def canonical(name: str) -> str:
-    return name.lower().replace("_", "-").replace(".", "-")
-
-
 def unlocked_packages(lock: Path) -> dict:
     """The top-level modules of the installed distributions that `lock` does not name (a folder such
     as nvidia/ that a locked distribution shares stays visible), and how the host differs from it.
@@ -88,6 +84,7 @@ def unlocked_packages(lock: Path) -> dict:
     import importlib.metadata as md
 
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name as canonical
 
     pins: dict[str, str] = {}
     for line in lock.read_text().splitlines():
@@ -126,6 +123,8 @@ def hide(modules: set[str], distributions: set[str]) -> None:
     (importlib.metadata.packages_distributions) takes time in proportion to how many there are."""
     import importlib.machinery
 
+    from packaging.utils import canonicalize_name
+
     class LockedPathFinder(importlib.machinery.PathFinder):
         @classmethod
         def find_spec(cls, fullname, path=None, target=None):  # type: ignore[no-untyped-def]
@@ -134,7 +133,7 @@ def hide(modules: set[str], distributions: set[str]) -> None:
         @classmethod
         def find_distributions(cls, *args, **kwargs):  # type: ignore[no-untyped-def]
             return (d for d in super().find_distributions(*args, **kwargs)
-                    if canonical(d.metadata["Name"] or "") not in distributions)
+                    if canonicalize_name(d.metadata["Name"] or "") not in distributions)
 
     sys.meta_path[:] = [LockedPathFinder if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 
