@@ -50,7 +50,7 @@ def child(args: argparse.Namespace) -> None:
     v = variant(store_paths(args.work, schnell=False), "flux-dev", DEV_DEFAULTS)
     stamps["store_checked"] = time.time()
     engine = Engine([v], Path("/nonexistent"), args.profile, perf=args.perf, compile_cache=args.cache,
-                    prepared_weights=not args.no_prepared_weights)
+                    prepared_weights=not args.no_prepared_weights, read_threads=args.read_threads)
     engine.load()  # load + quantize + compile (or cache hit) + warm-up step: /readyz turns ready here
     torch.cuda.synchronize()
     stamps["ready"] = time.time()
@@ -70,6 +70,7 @@ def child(args: argparse.Namespace) -> None:
 
     stamps["engine_timings"] = engine.timings
     stamps["load_parts_s"] = getattr(engine.pipes[v.name], "load_parts_s", {})
+    stamps["read_ahead"] = getattr(engine.pipes[v.name], "read_ahead", {})
     stamps["perf_info"] = {k: val for k, val in getattr(engine.pipes[v.name], "perf_info", {}).items()
                            if k != "step_cache"}
     stamps["inductor_counters"] = {k: val for k, val in counters["inductor"].items() if "cache" in k}
@@ -163,6 +164,10 @@ def main() -> int:
     parser.add_argument("--child-env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment for the runtime processes (e.g. TORCHINDUCTOR_COMPILE_THREADS=1)")
     parser.add_argument("--no-prepared-weights", action="store_true")
+    parser.add_argument("--read-threads", type=int, default=4, help="the runtime's --read-threads")
+    parser.add_argument("--setting", action="append", default=[], metavar="LABEL=ARGS",
+                        help="compare settings side by side: every run starts one process per setting, in turn, "
+                        "with ARGS added to its command line (e.g. 'serial=--read-threads 0')")
     parser.add_argument("--bytecode", type=Path, metavar="DIR",
                         help="compile the packages to bytecode under DIR first and start the processes with it")
     parser.add_argument("--only-locked", type=Path, metavar="LOCK",
@@ -189,26 +194,28 @@ def main() -> int:
         (args.work / "hidden.json").write_text(json.dumps(packages))
         hidden = ["--hide", str(args.work / "hidden.json")]
     results[key] = []
-    for i in range(args.runs):
+    settings = [s.split("=", 1) for s in args.setting] or [["", ""]]
+    own = ["--read-threads", str(args.read_threads)]
+    for i, (label, extra) in ((i, s) for i in range(args.runs) for s in settings):
         cache = "warm" if args.cache.is_dir() and any(args.cache.iterdir()) else "empty"
         start = time.time()
         proc = subprocess.run([sys.executable, __file__, "--child", "--work", str(args.work), "--perf", args.perf,
-                               "--profile", args.profile, "--cache", str(args.cache), *hidden]
+                               "--profile", args.profile, "--cache", str(args.cache), *hidden, *own, *extra.split()]
                               + (["--no-prepared-weights"] if args.no_prepared_weights else []),
                               capture_output=True, text=True, env=env)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("STAMPS ")), None)
         if line is None:
-            results[key].append({"run": i, "error": proc.stderr[-3000:]})
+            results[key].append({"run": i, "setting": label, "error": proc.stderr[-3000:]})
         else:
             s = json.loads(line[7:])
-            results[key].append({"run": i, "cache": cache, "perf": s["perf"],
+            results[key].append({"run": i, "setting": label, "args": extra, "cache": cache, "perf": s["perf"],
                                  "child_env": args.child_env,
                                  "imports_s": s["imported"] - start, "ready_s": s["ready"] - start,
                                  "first_image_s": s["first_image"] - start,
                                  "first_request_s": s["first_image"] - s["ready"],
                                  "steady_request_s": s["second_image_s"], "peak_gib": s["peak_gib"],
                                  "store_checked_s": s["store_checked"] - start, "engine": s["engine_timings"],
-                                 "load_parts_s": s["load_parts_s"],
+                                 "load_parts_s": s["load_parts_s"], "read_ahead": s["read_ahead"],
                                  "perf_info": s["perf_info"], "inductor_cache": s["inductor_counters"]})
         print(json.dumps(results[key][-1])[:3000], flush=True)
         if args.out:

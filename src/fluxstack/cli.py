@@ -29,6 +29,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _emit_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -235,7 +242,8 @@ def cmd_runtime_serve(args: argparse.Namespace) -> int:
     settings = Settings(queue_size=args.queue_size, timeout=args.timeout, max_pixels=args.max_pixels)
     metrics = Metrics()
     engine = Engine(variants, store.root / "loras", args.profile, args.gpu_memory_limit, perf=args.perf,
-                    compile_cache=args.compile_cache, prepared_weights=args.prepared_weights)
+                    compile_cache=args.compile_cache, prepared_weights=args.prepared_weights,
+                    read_threads=args.read_threads)
     worker = Worker(engine, settings.queue_size, settings.timeout, metrics)
     app = create_app(engine, worker, store, settings, metrics)
     _say(f"runtime: memory profile {profile} on {device}, performance mode {perf} ({why})")
@@ -407,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default=os.environ.get("FLUXSTACK_PREPARED_WEIGHTS", "1") != "0",
                    help="in the fp8 modes, do not keep the quantized transformer in the compile cache (it takes "
                    "12 GB there for FLUX.1-dev and makes later starts faster; env FLUXSTACK_PREPARED_WEIGHTS=0)")
+    p.add_argument("--read-threads", type=_non_negative, default=os.environ.get("FLUXSTACK_READ_THREADS", "4"),
+                   help="threads reading the big weight files in the background while the runtime starts (default "
+                   "$FLUXSTACK_READ_THREADS, else 4; 0 reads each file when it is needed, one at a time, "
+                   "which suits spinning disks)")
     p.add_argument("--queue-size", type=_positive, default=8, help="requests waiting for the GPU (default 8)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a request may wait in the queue")
     p.add_argument("--max-pixels", type=_positive, default=2048 * 2048, help="largest width x height accepted")

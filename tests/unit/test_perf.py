@@ -290,7 +290,14 @@ def test_prepared_weights_load_to_the_same_transformer(tiny: Path, tmp_path: Pat
     size = prepared.save(t, path)
     assert path.stat().st_size == size and not stale.exists()
     assert sorted(tmp_path.glob("*.part")) == [alive]
-    loaded = prepared.load(tiny / "configs/tiny-flux", path, "cpu")
+    from safetensors.torch import load_file
+
+    from fluxstack.runtime import weights_read
+
+    # what the runtime's background reader reads is what safetensors reads
+    loaded = prepared.load(tiny / "configs/tiny-flux", weights_read.read(path, "cpu", threads=3, chunk=4096))
+    assert all(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+               for a, b in zip(loaded.state_dict().values(), load_file(str(path)).values(), strict=True))
     assert isinstance(loaded.transformer_blocks[0].attn.to_qkv, fp8.Fp8Linear)
     assert loaded.single_transformer_blocks[0].proj_mlp.weight.dtype == torch.float8_e4m3fn
     x = transformer_inputs(2)
@@ -302,7 +309,7 @@ def test_prepared_weights_load_to_the_same_transformer(tiny: Path, tmp_path: Pat
 
 
 def test_a_damaged_prepared_file_is_removed_and_the_store_file_used(tiny: Path, tmp_path: Path) -> None:
-    from fluxstack.runtime import engine, prepared
+    from fluxstack.runtime import engine, prepared, weights_read
 
     path = prepared.prepared_path(tmp_path, "ab" * 32)
     prepared.save(quantized_tiny(tiny), path)
@@ -310,23 +317,30 @@ def test_a_damaged_prepared_file_is_removed_and_the_store_file_used(tiny: Path, 
     transformer, note = engine._load_prepared(path, tiny / "configs/tiny-flux", "cpu")
     assert transformer is None and "unusable, removed" in note and not path.exists()
     assert engine._load_prepared(path, tiny / "configs/tiny-flux", "cpu") == (None, f"none yet at {path}")
+    # the same when the background reader found the damage
+    prepared.save(quantized_tiny(tiny), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    transformer, note = engine._load_prepared(path, tiny / "configs/tiny-flux", "cpu",
+                                              weights_read.Prefetch([(path, "cpu", None)]))
+    assert transformer is None and "unusable, removed (DamagedFile: " in note and not path.exists()
     assert engine._load_prepared(None, tiny, "cpu") == (None, "off")
 
 
 def test_a_gpu_too_full_for_the_prepared_file_says_so_and_keeps_it(tiny: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """A fake out-of-memory error (CI has no GPU to fill): the file is not damaged, so it stays."""
-    from fluxstack.runtime import engine, prepared
+    """A fake out-of-memory error (CI has no GPU to fill), raised where reading the file onto the GPU
+    would raise it (the background reader, which hands it over): the file is not damaged, so it stays."""
+    from fluxstack.runtime import engine, prepared, weights_read
 
     path = prepared.prepared_path(tmp_path, "ab" * 32)
     prepared.save(quantized_tiny(tiny), path)
 
-    def full_gpu(*_args: object) -> None:
+    def full_gpu(*_args: object, **_kwargs: object) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 72.00 MiB")
 
-    monkeypatch.setattr(prepared, "load", full_gpu)
+    monkeypatch.setattr(weights_read, "read", full_gpu)
     with pytest.raises(UsageError, match="too little free memory for the prepared transformer") as caught:
-        engine._load_prepared(path, tiny / "configs/tiny-flux", "cuda")
+        engine._load_prepared(path, tiny / "configs/tiny-flux", "cuda", weights_read.Prefetch([(path, "cuda", None)]))
     assert "the file is kept): free GPU memory" in str(caught.value) and "CUDA out of memory" in str(caught.value)
     assert path.exists()
 
@@ -361,3 +375,31 @@ def test_parallel_png_decodes_to_the_same_pixels_with_the_metadata(prompt: str) 
     assert len(png.encode(smooth, {})) < smooth.nbytes / 10  # the Up filter + deflate really compress
     with pytest.raises(ValueError, match="height x width x 3 uint8"):
         png.encode(np.zeros((4, 4, 4), dtype=np.uint8), {})
+
+
+def test_t5_read_ahead_is_the_model_transformers_loads_and_a_file_lacking_weights_is_refused(
+        tiny: Path, tmp_path: Path) -> None:
+    """The runtime builds T5 empty and hands it the tensors read ahead (in the compute dtype); the model is
+    transformers' own, and a file without one of its weights is refused by name, not left uninitialised."""
+    from safetensors.torch import load_file, save_file
+    from transformers import T5EncoderModel
+
+    from fluxstack.runtime import engine, weights_read
+
+    config_dir, weights = tiny / "configs/tiny-flux/text_encoder_2", tiny / "text_encoders/t5xxl-tiny.safetensors"
+    config = T5EncoderModel.config_class.from_pretrained(str(config_dir))
+    reference = T5EncoderModel.from_pretrained(None, config=config, state_dict=load_file(str(weights)),
+                                               dtype=torch.bfloat16).eval()
+    prefetch = weights_read.Prefetch([(weights, "cpu", "bfloat16")])
+    t5 = engine._assign_text_encoder(T5EncoderModel, config_dir, weights,
+                                     engine._state_dict(weights, "cpu", "bfloat16", prefetch))
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(t5(ids)[0], reference(ids)[0]) and t5.dtype == torch.bfloat16
+    state = load_file(str(weights))
+    del state["encoder.block.1.layer.1.DenseReluDense.wo.weight"]
+    save_file(state, str(tmp_path / "t5.safetensors"))
+    with pytest.raises(UsageError, match=r"t5.safetensors lacks 1 weights the model needs \(first: "
+                                         r"encoder.block.1.layer.1.DenseReluDense.wo.weight\)"):
+        engine._assign_text_encoder(T5EncoderModel, config_dir, tmp_path / "t5.safetensors",
+                                    weights_read.read(tmp_path / "t5.safetensors", "cpu"))

@@ -20,7 +20,7 @@ from typing import Any
 
 from fluxstack import __version__
 from fluxstack.errors import UsageError
-from fluxstack.runtime import png, prepared
+from fluxstack.runtime import png, prepared, weights_read
 from fluxstack.runtime.variants import Variant
 
 PROFILES = ("auto", "full", "fp8", "model-offload", "sequential-offload", "cpu")
@@ -60,17 +60,70 @@ def choose_profile(requested: str, memory_limit: int | None = None) -> tuple[str
 
 
 def _load_text_encoder(cls: Any, config_dir: Path, weights: Path, dtype: Any, device: str) -> Any:
-    """A transformers encoder from a single ComfyUI-style file (transformers key names)."""
-    from safetensors.torch import load_file
+    """A transformers encoder from a single ComfyUI-style file (transformers key names), by transformers'
+    loader: CLIP, whose position ids are not in the file."""
+    config = cls.config_class.from_pretrained(str(config_dir))
+    model, info = cls.from_pretrained(None, config=config, state_dict=_state_dict(weights, "cpu", None, None),
+                                      dtype=dtype, output_loading_info=True,
+                                      **({"device_map": device} if device != "cpu" else {}))
+    _refuse_missing(weights, info["missing_keys"])
+    return model.eval()
+
+
+def _assign_text_encoder(cls: Any, config_dir: Path, weights: Path, state: dict[str, Any]) -> Any:
+    """A transformers encoder built empty (meta device) whose parameters become `state`'s tensors, on their
+    device and in their dtype: T5-XXL, every tensor of which is in its file. transformers' loader would
+    first reserve the model's size again on the GPU (its allocator warm-up): 9 GiB more than the model."""
+    import torch
 
     config = cls.config_class.from_pretrained(str(config_dir))
-    model, info = cls.from_pretrained(None, config=config, state_dict=load_file(str(weights)), dtype=dtype,
-                                      output_loading_info=True, **({"device_map": device} if device != "cpu" else {}))
-    missing = info["missing_keys"]
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # T5's input embedding is its shared embedding, stored once
+    _refuse_missing(weights, [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta])
+    return model.eval()
+
+
+def _refuse_missing(weights: Path, missing: list[str]) -> None:
     if missing:
         raise UsageError(f"{weights} lacks {len(missing)} weights the model needs (first: {sorted(missing)[0]}); "
                          "the file is not the text encoder the manifest says it is")
-    return model.eval()
+
+
+def _state_dict(path: Path, device: str, dtype: str | None, prefetch: weights_read.Prefetch | None) -> dict[str, Any]:
+    """A file's tensors on `device` (floats in `dtype`): the prefetch's when it read them, else read now."""
+    if prefetch is not None and path in prefetch:
+        return prefetch.take(path)
+    return weights_read.read(path, device, dtype, threads=1)
+
+
+def prefetch_jobs(variant: Variant, profile: str, device: str, perf: str,
+                  prepared_dir: Path | None) -> list[tuple[Path, str, str | None]]:
+    """The big files build_pipeline will read, with the device and dtype each becomes: the prepared
+    transformer (when there is one) and T5-XXL (stored in fp16, computed in bf16), about 20 GB for FLUX.1-dev."""
+    jobs: list[tuple[Path, str, str | None]] = []
+    prepared_file = _prepared_file(variant, perf, prepared_dir)
+    if prepared_file is not None and prepared_file.exists():
+        jobs.append((prepared_file, "cuda", None))
+    jobs.append((variant.paths["t5"], _encoder_device(profile), _compute_dtype(device)))
+    return jobs
+
+
+def _compute_dtype(device: str) -> str:
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def _encoder_device(profile: str) -> str:
+    """Where build_pipeline loads the text encoders: only `full` loads straight onto the GPU (4-5x faster
+    than .to("cuda")); the other profiles load in CPU memory and place them afterwards."""
+    return "cuda" if profile == "full" else "cpu"
+
+
+def _prepared_file(variant: Variant, perf: str, prepared_dir: Path | None) -> Path | None:
+    if prepared_dir is None or perf not in ("fp8", "fast") or not variant.sha256.get("transformer"):
+        return None
+    return prepared.prepared_path(prepared_dir, variant.sha256["transformer"])
 
 
 def _report_compute_dtype(model: Any, dtype: Any) -> None:
@@ -82,11 +135,12 @@ def _report_compute_dtype(model: Any, dtype: Any) -> None:
 
 
 def build_pipeline(variant: Variant, profile: str, device: str, perf: str = "exact",
-                   prepared_dir: Path | None = None) -> Any:
+                   prepared_dir: Path | None = None, prefetch: weights_read.Prefetch | None = None) -> Any:
     """The pipeline for one variant; `perf` is a mode already checked by perf.choose_perf.
 
     `prepared_dir`: where the fp8 modes keep the prepared transformer (runtime/prepared.py); None
-    loads from the store's file every time."""
+    loads from the store's file every time. `prefetch`: reading prefetch_jobs() in the background
+    (started before this function imports diffusers and transformers, which takes seconds)."""
     import torch
 
     imports_started = time.monotonic()
@@ -100,11 +154,11 @@ def build_pipeline(variant: Variant, profile: str, device: str, perf: str = "exa
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     os.environ["HF_HUB_OFFLINE"] = "1"
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = getattr(torch, _compute_dtype(device))
     p = variant.paths
     config = str(p["config"])
-    # Only `full` loads straight onto the GPU (4-5x faster than .to("cuda")); fp8 loads in CPU memory
-    # and casts there, so a 24 GB card never holds the 22 GiB bf16 transformer.
+    # Only `full` loads straight onto the GPU; fp8 loads in CPU memory and casts there, so a 24 GB card
+    # never holds the 22 GiB bf16 transformer.
     on_gpu = profile == "full"
     # Where loading went, for /readyz and the cold-start benchmark; the first start in a process
     # imports diffusers and transformers (seconds), later ones find them imported.
@@ -116,10 +170,8 @@ def build_pipeline(variant: Variant, profile: str, device: str, perf: str = "exa
         laps[name] = round(now - started[0], 2)
         started[0] = now
 
-    prepared_file = None
-    if prepared_dir is not None and perf in ("fp8", "fast") and variant.sha256.get("transformer"):
-        prepared_file = prepared.prepared_path(prepared_dir, variant.sha256["transformer"])
-    transformer, prepared_note = _load_prepared(prepared_file, p["config"], "cuda")
+    prepared_file = _prepared_file(variant, perf, prepared_dir)
+    transformer, prepared_note = _load_prepared(prepared_file, p["config"], "cuda", prefetch)
     from_prepared = transformer is not None
     if not from_prepared:
         transformer = FluxTransformer2DModel.from_single_file(
@@ -128,10 +180,11 @@ def build_pipeline(variant: Variant, profile: str, device: str, perf: str = "exa
     lap("transformer")
     vae = AutoencoderKL.from_single_file(str(p["vae"]), config=config, subfolder="vae", torch_dtype=dtype,
                                          local_files_only=True)
-    encoder_device = "cuda" if on_gpu else "cpu"
+    encoder_device = _encoder_device(profile)
     clip = _load_text_encoder(CLIPTextModel, p["config"] / "text_encoder", p["clip"], dtype, encoder_device)
     lap("vae_clip")
-    t5 = _load_text_encoder(T5EncoderModel, p["config"] / "text_encoder_2", p["t5"], dtype, encoder_device)
+    t5 = _assign_text_encoder(T5EncoderModel, p["config"] / "text_encoder_2", p["t5"],
+                              _state_dict(p["t5"], encoder_device, _compute_dtype(device), prefetch))
     lap("t5")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(config, subfolder="scheduler")
     cls = FluxKontextPipeline if variant.task == "image-edit" else FluxPipeline
@@ -166,10 +219,13 @@ def build_pipeline(variant: Variant, profile: str, device: str, perf: str = "exa
     pipe.set_progress_bar_config(disable=True)
     lap("placement")
     pipe.load_parts_s = laps
+    if prefetch is not None:
+        pipe.read_ahead = prefetch.done
     return pipe
 
 
-def _load_prepared(path: Path | None, config_dir: Path, device: str) -> tuple[Any, str]:
+def _load_prepared(path: Path | None, config_dir: Path, device: str,
+                   prefetch: weights_read.Prefetch | None = None) -> tuple[Any, str]:
     """(transformer or None, what happened). A prepared file that cannot be loaded is removed, and the
     store's file is loaded instead: the prepared file is only ever a faster copy of it."""
     if path is None:
@@ -180,7 +236,7 @@ def _load_prepared(path: Path | None, config_dir: Path, device: str) -> tuple[An
 
     t = time.monotonic()
     try:
-        transformer = prepared.load(config_dir, path, device)
+        transformer = prepared.load(config_dir, _state_dict(path, device, None, prefetch))
     except torch.OutOfMemoryError as exc:
         # The file is fine (kept); the GPU is too full for this model whichever file it comes from.
         raise UsageError(f"the GPU has too little free memory for the prepared transformer {path} "
@@ -223,7 +279,8 @@ class Engine:
 
     def __init__(self, variants: list[Variant], loras_dir: Path, profile: str = "auto",
                  gpu_memory_limit: int | None = None, perf: str = "exact", compile_cache: Path | None = None,
-                 warm_up: bool = True, prepared_weights: bool = True) -> None:
+                 warm_up: bool = True, prepared_weights: bool = True,
+                 read_threads: int = weights_read.THREADS) -> None:
         self.variants = {v.name: v for v in variants}
         self.gpu_memory_limit = gpu_memory_limit  # bytes; lets the runtime share a GPU (with ComfyUI, say)
         self.loras_dir = loras_dir
@@ -231,6 +288,7 @@ class Engine:
         self.requested_perf = perf
         self.compile_cache = compile_cache
         self.prepared_weights = prepared_weights  # keep the fp8 modes' transformer beside the compile cache
+        self.read_threads = read_threads  # 0: no background reading, each file read when it is needed
         self.warm_up = warm_up  # compiled modes compile on their first call; do it before /readyz says ready
         self.perf = ""
         self.perf_why = ""
@@ -260,7 +318,12 @@ class Engine:
                 prepared_dir = cache / "prepared" if self.prepared_weights else None
             for name, variant in self.variants.items():
                 t = time.monotonic()
-                self.pipes[name] = build_pipeline(variant, self.profile, self.device, self.perf, prepared_dir)
+                prefetch = None
+                if self.read_threads:
+                    jobs = prefetch_jobs(variant, self.profile, self.device, self.perf, prepared_dir)
+                    prefetch = weights_read.Prefetch(jobs, self.read_threads)
+                self.pipes[name] = build_pipeline(variant, self.profile, self.device, self.perf, prepared_dir,
+                                                  prefetch)
                 self.loaded_loras[name] = set()
                 self.timings[f"{name}_load_s"] = time.monotonic() - t
                 if self.perf != "exact" and self.warm_up:
@@ -278,6 +341,8 @@ class Engine:
         out: dict[str, Any] = {k: round(v, 1) for k, v in list(self.timings.items())}
         for name, pipe in list(self.pipes.items()):
             out[f"{name}_load_parts_s"] = getattr(pipe, "load_parts_s", {})
+            if getattr(pipe, "read_ahead", None):
+                out[f"{name}_read_ahead"] = pipe.read_ahead
             note = getattr(pipe, "perf_info", {}).get("prepared_weights")
             if note:
                 out[f"{name}_prepared_weights"] = note

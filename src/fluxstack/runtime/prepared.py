@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import secrets
@@ -29,10 +30,11 @@ STALE_PART_SECONDS = 3600
 
 def prepared_path(directory: Path, transformer_sha256: str) -> Path:
     """Where the prepared transformer for this file and this software lives."""
-    import diffusers
     import torch
 
-    ident = f"{transformer_sha256}|{FORMAT}|torch {torch.__version__}|diffusers {diffusers.__version__}"
+    # diffusers' version from its metadata: the runtime asks before importing diffusers (seconds).
+    diffusers = importlib.metadata.version("diffusers")
+    ident = f"{transformer_sha256}|{FORMAT}|torch {torch.__version__}|diffusers {diffusers}"
     return directory / f"{transformer_sha256[:16]}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.safetensors"
 
 
@@ -85,12 +87,11 @@ def save(module: Any, path: Path) -> int:
     return 8 + len(head) + offset
 
 
-def load(config_dir: Path, path: Path, device: str) -> Any:
-    """The transformer from a prepared file: built empty (on the meta device, no memory), given the fp8
-    modes' structure, then the file's tensors (with their dtypes) are assigned as its parameters on `device`."""
+def load(config_dir: Path, state: dict[str, Any]) -> Any:
+    """The transformer from a prepared file's tensors: built empty (on the meta device, no memory), given
+    the fp8 modes' structure, then the tensors (with their dtypes and device) become its parameters."""
     import torch
     from diffusers import FluxTransformer2DModel
-    from safetensors.torch import load_file
 
     from fluxstack.runtime.fp8 import quantize_linears
     from fluxstack.runtime.perf import fuse_qkv
@@ -102,5 +103,5 @@ def load(config_dir: Path, path: Path, device: str) -> Any:
             for block in blocks:
                 fuse_qkv(block)
                 quantize_linears(block)
-    model.load_state_dict(load_file(str(path), device=device), strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
