@@ -55,6 +55,7 @@ def test_prefetch_hands_over_each_file_once_and_its_error_where_it_is_taken(tmp_
     assert torch.equal(got["d.half"], want["d.half"].to(torch.bfloat16))
     assert got["c.fp8"].dtype == torch.float8_e4m3fn and torch.equal(got["f.ids"], want["f.ids"])
     assert good not in prefetch  # handed over: the prefetch keeps no reference to 20 GB of weights
+    assert prefetch.done["good.safetensors"].startswith("0.0 GiB to cpu by ")  # what /readyz shows
     with pytest.raises(weights_read.DamagedFile, match="truncated or damaged"):
         prefetch.take(bad)
 

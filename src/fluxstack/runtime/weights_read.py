@@ -180,8 +180,7 @@ def _read_to_gpu(fd: int, path: Path, views: list[Any], ranges: list, chunk: int
 
 class Prefetch:
     """Files read by read() (path, device, dtype) on one background thread, in the order given, while the
-    caller goes on.
-    take() waits for a file's tensors; a read that failed raises its error there."""
+    caller goes on. take() waits for a file's tensors; a read that failed raises its error there."""
 
     def __init__(self, jobs: list[tuple[Path, str, str | None]], threads: int = THREADS) -> None:
         work = [(path, device, dtype, Future()) for path, device, dtype in jobs]
@@ -193,9 +192,11 @@ class Prefetch:
         started = time.monotonic()
         for path, device, dtype, future in work:
             try:
-                future.set_result(read(path, device, dtype, threads))
+                tensors = read(path, device, dtype, threads)
                 self.done[path.name] = (f"{path.stat().st_size / 2**30:.1f} GiB to {device} by "
                                         f"{time.monotonic() - started:.1f} s")
+                future.set_result(tensors)
+                del tensors
             except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the file
                 future.set_exception(exc)
 
