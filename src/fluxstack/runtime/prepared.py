@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fluxstack.runtime import weights_read
+
 # Bump when fuse_qkv's or Fp8Linear's parameters change: older files then stop matching.
 FORMAT = "fluxstack-fp8-rowwise-fused-qkv-1"
 STALE_PART_SECONDS = 3600
@@ -39,12 +41,11 @@ def prepared_path(directory: Path, transformer_sha256: str) -> Path:
 
 
 def _safetensors_dtype(dtype: Any) -> str:
-    import torch
-
-    names = {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
-    if dtype not in names:
+    """safetensors' name for a torch dtype: the reader's table (weights_read.DTYPES), read backwards."""
+    names = {torch_name: name for name, torch_name in weights_read.DTYPES.items()}
+    if str(dtype).removeprefix("torch.") not in names:
         raise ValueError(f"prepared weights cannot store {dtype}")
-    return names[dtype]
+    return names[str(dtype).removeprefix("torch.")]
 
 
 def save(module: Any, path: Path) -> int:
