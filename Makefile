@@ -90,7 +90,8 @@ image-comfyui: ## Build the ComfyUI image (COMFYUI_SRC=/path: from a local tree 
 
 .PHONY: image-gateway
 image-gateway: ## Build the TLS gateway image (nginx; docs/gateway.md)
-	$(COMPOSE) -f compose.yaml -f compose/gateway.yaml build gateway
+	@# compose checks every variable of the file, even to build; the build reads no token
+	GATEWAY_TOKENS_FILE=$${GATEWAY_TOKENS_FILE:-/dev/null} $(COMPOSE) -f compose.yaml -f compose/gateway.yaml build gateway
 
 SERVICES ?= runtime comfyui
 MODEL ?=
