@@ -403,3 +403,20 @@ def test_t5_read_ahead_is_the_model_transformers_loads_and_a_file_lacking_weight
                                          r"encoder.block.1.layer.1.DenseReluDense.wo.weight\)"):
         engine._assign_text_encoder(T5EncoderModel, config_dir, tmp_path / "t5.safetensors",
                                     weights_read.read(tmp_path / "t5.safetensors", "cpu"))
+
+
+@pytest.mark.parametrize("width", [3072, 15360, 1024, 1000, 2500])
+def test_row_scales_in_chunks_are_the_plain_row_maxima_bit_for_bit(width: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(6, width, generator=g).bfloat16()
+    x[1] = 0  # a row of zeros keeps the smallest scale instead of dividing by zero
+    x[2, width - 1] = -300.0  # the largest magnitude in a row's last chunk, negative
+    x[3, 0] = 7168.0  # and in the first: no row may take another's maximum
+    plain = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / fp8.E4M3_MAX
+    chunked = fp8.row_scales(x)
+    assert chunked.shape == (6, 1) and chunked.dtype == torch.float32
+    assert torch.equal(chunked, plain)
+    expected = torch.tensor([300.0, 7168.0]) / fp8.E4M3_MAX
+    assert torch.equal(chunked[2:4, 0], expected)
+    monkeypatch.setattr(fp8, "AMAX_CHUNK", 0)
+    assert torch.equal(fp8.row_scales(x), plain)
