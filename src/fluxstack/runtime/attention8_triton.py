@@ -1,0 +1,139 @@
+"""The Triton kernel behind attention8 (8-bit attention), registered as the torch op
+fluxstack::attention_8bit so that torch.compile's graphs of the blocks call it as one opaque op.
+
+A module of its own because it needs Triton, which only CUDA builds of PyTorch bring: attention8
+imports it when the mode runs on a GPU.
+"""
+
+# ruff: noqa: N803 (Triton's compile-time parameters are upper case by convention)
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+# Block shapes tried on the first call of each sequence length (then cached with Triton's kernels).
+CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+           for m in (64, 128) for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)
+           if not (m == 64 and w == 8)]
+
+
+@triton.autotune(configs=CONFIGS, key=["tokens", "HEAD_DIM"], cache_results=True)
+@triton.jit
+def attention_kernel(q_ptr, k_ptr, vt_ptr, out_ptr, q_scale, k_scale, v_descale, tokens,
+                     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
+                     stride_vb, stride_vh, stride_vd, stride_ob, stride_os, stride_oh,
+                     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, P_SCALE: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One program: BLOCK_M queries of one head, online softmax over all keys (FlashAttention-2).
+    # q, k: (batch, tokens, heads, d), int8 or fp8, one scale per token and head ((batch, tokens,
+    # heads) float32; q's includes the softmax scale and log2(e)); vt: (batch, heads, d, tokens)
+    # fp8 with one scale (or bf16), laid out so that both dots read their second operand along the
+    # reduced dimension, as Hopper's 8-bit MMA requires. Probabilities go to v's dtype times P_SCALE.
+    start_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+                mask=rows[:, None] < tokens, other=0.0)
+    qs = tl.load(q_scale + (b * tokens + rows) * HEADS + h, mask=rows < tokens, other=0.0)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = vt_ptr + b * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, tokens, BLOCK_N):
+        keys = start_n + cols
+        k = tl.load(k_base + keys[:, None] * stride_ks + dims[None, :], mask=keys[:, None] < tokens, other=0.0)
+        ks = tl.load(k_scale + (b * tokens + keys) * HEADS + h, mask=keys < tokens, other=0.0)
+        vt = tl.load(v_base + dims[:, None] * stride_vd + keys[None, :], mask=keys[None, :] < tokens, other=0.0)
+        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * qs[:, None] * ks[None, :]
+        qk = tl.where(keys[None, :] < tokens, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot((p * P_SCALE).to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
+        m_i = m_new
+    out = acc * (tl.load(v_descale) / P_SCALE / l_i)[:, None]
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < tokens)
+
+
+def _tma_blocks(nargs: dict) -> None:
+    """Autotuning's pre-hook: the descriptors' block shapes follow the configuration's."""
+    m, n, d = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["HEAD_DIM"]
+    nargs["q_desc"].block_shape = nargs["o_desc"].block_shape = [1, m, d]
+    nargs["k_desc"].block_shape = [1, n, d]
+    nargs["v_desc"].block_shape = [1, d, n]
+
+
+TMA_CONFIGS = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_tma_blocks)
+               for c in CONFIGS]
+
+
+@triton.autotune(configs=TMA_CONFIGS, key=["tokens", "HEAD_DIM"], cache_results=True)
+@triton.jit
+def attention_kernel_tma(q_desc, k_desc, v_desc, o_desc, q_scale, k_scale, v_descale, tokens,
+                         HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, P_SCALE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # attention_kernel with the tiles moved by Hopper's tensor memory accelerator (TMA): q, k and the
+    # output as (batch, tokens, heads * d), vt as (batch, heads * d, tokens); tiles past the last
+    # token load as zeros and are not stored.
+    start_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // HEADS, bh % HEADS
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    q = q_desc.load([b, start_m * BLOCK_M, h * HEAD_DIM]).reshape(BLOCK_M, HEAD_DIM)
+    qs = tl.load(q_scale + (b * tokens + rows) * HEADS + h, mask=rows < tokens, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, tokens, BLOCK_N):
+        keys = start_n + cols
+        k = k_desc.load([b, start_n, h * HEAD_DIM]).reshape(BLOCK_N, HEAD_DIM)
+        ks = tl.load(k_scale + (b * tokens + keys) * HEADS + h, mask=keys < tokens, other=0.0)
+        vt = v_desc.load([b, h * HEAD_DIM, start_n]).reshape(HEAD_DIM, BLOCK_N)
+        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * qs[:, None] * ks[None, :]
+        qk = tl.where(keys[None, :] < tokens, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot((p * P_SCALE).to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
+        m_i = m_new
+    out = acc * (tl.load(v_descale) / P_SCALE / l_i)[:, None]
+    o_desc.store([b, start_m * BLOCK_M, h * HEAD_DIM], out.to(o_desc.dtype).reshape(1, BLOCK_M, HEAD_DIM))
+
+
+@torch.library.custom_op("fluxstack::attention_8bit", mutates_args=())
+def attention_8bit(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
+                   vd: torch.Tensor, p_scale: float, tma: bool) -> torch.Tensor:
+    batch, tokens, heads, dim = q8.shape
+    out = torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(tokens, meta["BLOCK_M"]), batch * heads
+
+    with torch.cuda.device(q8.device):
+        if tma:
+            flat = [batch, tokens, heads * dim]
+            q_desc, k_desc, o_desc = (TensorDescriptor(x, flat, [x.stride(0), x.stride(1), 1], [1, 16, 16])
+                                      for x in (q8, k8, out))
+            v_desc = TensorDescriptor(vt8, [batch, heads * dim, tokens], [vt8.stride(0), vt8.stride(2), 1],
+                                      [1, 16, 16])  # block shapes: _tma_blocks sets them per configuration
+            attention_kernel_tma[grid](q_desc, k_desc, v_desc, o_desc, qs, ks, vd, tokens,
+                                       HEADS=heads, HEAD_DIM=dim, P_SCALE=p_scale)
+        else:
+            attention_kernel[grid](q8, k8, vt8, out, qs, ks, vd, tokens,
+                                   *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3], *out.stride()[:3],
+                                   HEADS=heads, HEAD_DIM=dim, P_SCALE=p_scale)
+    return out
+
+
+@attention_8bit.register_fake
+def _(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, vd: torch.Tensor,
+      p_scale: float, tma: bool) -> torch.Tensor:
+    return torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
