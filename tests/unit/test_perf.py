@@ -483,3 +483,15 @@ def test_8bit_attention_processor_runs_the_flux_blocks(tiny: Path) -> None:
     assert n == len(t.transformer_blocks) + len(t.single_transformer_blocks)
     assert isinstance(t.transformer_blocks[0].attn.processor, attention8.EightBitAttnProcessor)
     assert 0 < rel(out, ref) < 0.1
+
+
+def test_8bit_attention_is_not_thrown_by_keys_that_share_an_offset() -> None:
+    from fluxstack.runtime import attention8
+
+    q, k, v = flux_like_qkv(256, 2, 128, 2.0, seed=4)
+    offset = 8 * torch.randn(1, 1, 2, 128, generator=torch.Generator().manual_seed(9))
+    shifted = (k.float() + offset).bfloat16()  # same attention: each query's logits move by one constant
+    exact = functional_attention(q, shifted, v)
+    assert rel(functional_attention(q, k, v), exact) < 0.03  # bf16's rounding of the shifted keys
+    # the keys' shared offset would take int8's range: about 0.08 without subtracting their mean
+    assert rel(attention8.attention(q, shifted, v).float(), exact) < 0.05

@@ -4,9 +4,10 @@ FLUX's joint attention (24 heads of 128 over 4096 image + 512 text tokens at 102
 quarter of an fp8 step on an H100 with cuDNN's bf16 flash kernel (docs/performance.md). Here both
 of its products run on the 8-bit tensor cores, at twice the bf16 rate:
 
-  q k^T  q and k in int8 with one scale per token and head. FLUX normalizes q and k (RMSNorm) before
-         this product, so every row spans a similar range and int8's 8 uniform bits keep the
-         logits about 4x more precise than float8 e4m3's 3 mantissa bits (bench/gpu/attention.py).
+  q k^T  q and k in int8 with one scale per token and head, k less its mean over the tokens. FLUX
+         normalizes q and k (RMSNorm) before this product, so every row spans a similar range and
+         int8's 8 uniform bits keep the logits about 4x more precise than float8 e4m3's 3 mantissa
+         bits (bench/gpu/attention.py).
   p v    the softmax probabilities times 256 and v (one scale per call) in float8 e4m3.
 
 Accumulation is float32 and the output bf16. The quantization is plain torch code, so the compiled
@@ -54,7 +55,10 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_dtype: torch.
     (batch, heads, d, tokens) in fp8 (or left bf16), q's scales (with the softmax scale and log2(e)
     folded in), k's scales and v's descale."""
     q8, qs = per_token(q, qk_dtype, factor=LOG2E / math.sqrt(q.shape[-1]))
-    k8, ks = per_token(k, qk_dtype)
+    # Subtracting k's mean over the tokens changes every logit of a query by the same amount, which
+    # the softmax cancels, and leaves int8 the spread around a shared offset (SageAttention's "smooth
+    # k": trained models' keys often share one).
+    k8, ks = per_token(k.float() - k.float().mean(dim=1, keepdim=True), qk_dtype)
     v8, vd = per_tensor(v) if v_fp8 else (v, torch.ones(1, device=v.device))
     # TMA wants 16-byte aligned rows: pad v's storage to a multiple of 16 tokens, not its shape.
     tokens = v.shape[1]
