@@ -9,9 +9,8 @@ its error against a float32 reference on inputs shaped like FLUX's (RMS-normed q
   flash_bf16   PyTorch SDPA on FlashAttention-2
   cudnn_fp8    cuDNN's fp8 flash kernel through the cuDNN frontend (pip nvidia-cudnn-frontend);
                per-tensor scales; on Hopper its output is fp8 as well
-  triton_int8qk  the runtime's Triton kernel (fluxstack.runtime.attention8, the fp8-attn mode): q
-               and k in int8 scaled per token, v (one scale) and probabilities in fp8, float32
-               accumulation, bf16 output
+  triton_int8qk  the Triton kernel of attention8.py: q and k in int8 scaled per token, v (one
+               scale) and probabilities in fp8, float32 accumulation, bf16 output
   triton_int8qk_pointers  the same with plain loads instead of Hopper's TMA
   triton_fp8   the same kernel with q and k in fp8 e4m3 (per token): 3 mantissa bits for the logits
   triton_int8qk_bf16pv  int8 q and k, bf16 probabilities and v: only the first product in 8 bits
@@ -41,9 +40,9 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fluxstack.runtime import attention8, attention8_triton
+import attention8
 
 HEADS, HEAD_DIM = 24, 128
 IMAGE_TOKENS = 4096  # 1024x1024: a 64x64 latent in 2x2 patches
@@ -90,7 +89,7 @@ def triton_8bit(qk_dtype: torch.dtype, v_fp8: bool = True,
         return attention8.quantize(q, k, v, qk_dtype, v_fp8)
 
     def run(*args: torch.Tensor) -> torch.Tensor:
-        return attention8_triton.attention_8bit(*args, attention8.P_SCALE, tma)
+        return attention8.attention_8bit(*args, attention8.P_SCALE, tma)
 
     return prepare, run
 
@@ -196,7 +195,7 @@ def measure(name: str, build: Callable[[], tuple], tokens: int, temperatures: tu
         qt, kt, vt = flux_like(tokens, t, seed=1)
         result[f"rel_error_t{t:g}"] = round(rel_error(run(*prepare(qt, kt, vt)), reference(qt, kt, vt)), 5)
     if name.startswith("triton"):
-        kernel = attention8_triton.attention_kernel if "pointers" in name else attention8_triton.attention_kernel_tma
+        kernel = attention8.attention_kernel if "pointers" in name else attention8.attention_kernel_tma
         result["config"] = str(kernel.best_config)
     return result
 

@@ -18,8 +18,7 @@ with the step's inputs copied in) and timed again, to see how much launch overhe
 With --persistent-up-to N, Inductor makes every row reduction up to N elements wide one-pass
 ("persistent": the row stays in registers) instead of its own limit of 1024; the per-token fp8
 quantization reduces rows 3072-15360 wide. Use a fresh --cache: the choice is not part of
-Inductor's cache key. --amax-chunk N sets fp8.AMAX_CHUNK, the chunk width of that row maximum (0:
-whole rows, as before it existed); it changes the traced graph, so one cache serves both.
+Inductor's cache key.
 
     python bench/gpu/kernels.py --work /tmp/fluxbench --cache /tmp/cc --perf fp8 --graphs --out k.json
 Inductor settings come from the environment, e.g. TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 or
@@ -45,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from runtime_bench import DEV_DEFAULTS, make_store, timed, variant
 
-from fluxstack.runtime import fp8
 from fluxstack.runtime.engine import Engine, Job, NonFinite
 
 
@@ -119,11 +117,8 @@ def main() -> int:
     parser.add_argument("--graphs", action="store_true", help="also time the transformer replayed from CUDA graphs")
     parser.add_argument("--persistent-up-to", type=int, metavar="N",
                         help="one-pass (persistent) reductions for rows up to N elements (Inductor: 1024)")
-    parser.add_argument("--amax-chunk", type=int, metavar="N", default=fp8.AMAX_CHUNK,
-                        help=f"chunk width of fp8 rows' absolute maximum (0: whole rows; runtime: {fp8.AMAX_CHUNK})")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    fp8.AMAX_CHUNK = args.amax_chunk
     if args.persistent_up_to:
         persistent_reductions_up_to(args.persistent_up_to)
     v = variant(make_store(args.work, schnell=False), "flux-dev", DEV_DEFAULTS)
@@ -131,7 +126,7 @@ def main() -> int:
     engine.load()
     res: dict[str, Any] = {"mode": engine.perf, "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
                            "inductor_env": {k: val for k, val in os.environ.items() if k.startswith("TORCHINDUCTOR")},
-                           "persistent_up_to": args.persistent_up_to, "amax_chunk": args.amax_chunk,
+                           "persistent_up_to": args.persistent_up_to,
                            "timings": engine.timings}
 
     def job(steps: int, msl: int) -> Job:

@@ -406,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default=os.environ.get("FLUXSTACK_PROFILE", "auto"),
                    help="memory profile: auto, full, fp8, model-offload, sequential-offload, cpu (default auto)")
     p.add_argument("--perf", default=os.environ.get("FLUXSTACK_PERF", "auto"),
-                   help="performance mode: auto, exact, bf16, fp8, fp8-attn, fast (default $FLUXSTACK_PERF, else auto: "
-                   "the fastest mode this GPU runs within its error bound; docs/performance.md)")
+                   help="performance mode: auto, exact, bf16, fp8, fast (default $FLUXSTACK_PERF, else auto: the "
+                   "fastest mode this GPU runs within its error bound; docs/performance.md)")
     p.add_argument("--compile-cache", type=Path, default=None,
                    help="folder for compiled kernels, kept across restarts (default $FLUXSTACK_COMPILE_CACHE, "
                    "else ~/.cache/fluxstack/torch-compile)")

@@ -21,7 +21,6 @@ from typing import Any
 from fluxstack import __version__
 from fluxstack.errors import UsageError
 from fluxstack.runtime import png, prepared, weights_read
-from fluxstack.runtime.perf import FP8_MODES
 from fluxstack.runtime.variants import Variant
 
 PROFILES = ("auto", "full", "fp8", "model-offload", "sequential-offload", "cpu")
@@ -122,7 +121,7 @@ def _encoder_device(profile: str) -> str:
 
 
 def _prepared_file(variant: Variant, perf: str, prepared_dir: Path | None) -> Path | None:
-    if prepared_dir is None or perf not in FP8_MODES or not variant.sha256.get("transformer"):
+    if prepared_dir is None or perf not in ("fp8", "fast") or not variant.sha256.get("transformer"):
         return None
     return prepared.prepared_path(prepared_dir, variant.sha256["transformer"])
 

@@ -13,23 +13,6 @@ import torch
 from torch.nn import functional
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
-# Rows wider than this take their absolute maximum in chunks of this width first (row_scales); 0: in one go.
-AMAX_CHUNK = 1024
-
-
-def row_scales(x2: torch.Tensor) -> torch.Tensor:
-    """One float32 scale per row of the 2-D `x2` that maps its absolute maximum to E4M3_MAX.
-
-    Inductor compiles the maximum of a 15360-wide row (the single blocks' output projection) as one
-    program looping over the row, twice over with the quantization that follows; the maximum of
-    1024-wide chunks, then of the chunks' maxima, gives it a parallel reduction over short rows and
-    a small one. A maximum is exact, so the scales are the same bit for bit either way."""
-    rows, width = x2.shape
-    if AMAX_CHUNK and width > AMAX_CHUNK and width % AMAX_CHUNK == 0:
-        amax = x2.abs().reshape(rows, width // AMAX_CHUNK, AMAX_CHUNK).amax(dim=2).amax(dim=1, keepdim=True)
-    else:
-        amax = x2.abs().amax(dim=1, keepdim=True)
-    return amax.float().clamp(min=1e-12) / E4M3_MAX
 
 
 class Fp8Linear(torch.nn.Module):
@@ -58,7 +41,7 @@ class Fp8Linear(torch.nn.Module):
             pad = -rows % 16  # cuBLASLt fp8 wants multiples of 16; the modulation layers see one row
             if pad:
                 x2 = functional.pad(x2, (0, 0, 0, pad))
-            x_scale = row_scales(x2)
+            x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
             xq = (x2.float() / x_scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
             out = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale,
                                    out_dtype=x.dtype)

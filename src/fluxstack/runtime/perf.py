@@ -10,8 +10,6 @@ memory and error of each mode; bench/gpu/perf_bench.py measures them.
   fp8    bf16 plus the blocks' linear layers in float8 e4m3 on the fp8 tensor cores (weights
          scaled per output row once, activations per token on every call). Needs compute
          capability 8.9+ (Ada, Hopper, Blackwell).
-  fp8-attn  fp8 plus 8-bit attention: q k^T in int8, the probabilities times v in float8
-         (runtime/attention8.py, a Triton kernel). Same hardware as fp8.
   fast   fp8 plus a step cache: on a fixed schedule of middle steps the transformer is not run and
          its previous output is reused. 28 FLUX.1-dev steps run the transformer 18 times.
   auto   the fastest of these whose error stayed inside its bound in the benchmark's quality
@@ -30,9 +28,7 @@ from typing import Any
 
 from fluxstack.errors import UsageError
 
-PERF_MODES = ("auto", "exact", "bf16", "fp8", "fp8-attn", "fast")
-FP8_MODES = ("fp8", "fp8-attn", "fast")  # the modes that quantize the blocks' linear layers
-COMPILED_MODES = ("bf16", *FP8_MODES)
+PERF_MODES = ("auto", "exact", "bf16", "fp8", "fast")
 # auto's preference, fastest first. Only modes whose quality guard held on the H100 benchmark
 # (bench/results/perf-h100-*.json, docs/performance.md) are listed.
 AUTO_ORDER = ("fp8", "bf16", "exact")
@@ -80,24 +76,23 @@ def choose_perf(requested: str, profile: str, device: str) -> tuple[str, str]:
         raise UsageError(f"unknown performance mode {requested!r}; choose one of {', '.join(PERF_MODES)}")
     blocked: dict[str, str] = {}
     if device != "cuda":
-        for mode in COMPILED_MODES:
+        for mode in ("bf16", "fp8", "fast"):
             blocked[mode] = "it needs a CUDA GPU (this runtime runs on the CPU)"
     elif profile not in ON_GPU_PROFILES:
-        for mode in COMPILED_MODES:
+        for mode in ("bf16", "fp8", "fast"):
             blocked[mode] = (f"it keeps the transformer on the GPU and compiles it, while the {profile} profile "
                              "moves weights between CPU and GPU on every call; use --profile full or fp8")
     else:
         reason = fp8_unsupported_reason()
         if reason:
-            for mode in FP8_MODES:
-                blocked[mode] = reason
+            blocked["fp8"] = blocked["fast"] = reason
         if profile == "fp8":
             # The fp8 memory profile exists so that no bf16 copy of the transformer is on the GPU.
             blocked["bf16"] = ("it computes from bf16 transformer weights on the GPU, which the fp8 memory profile "
                                "avoids; use --perf fp8 there (fp8 weights, faster) or --perf exact")
         missing = compiler_missing_reason()
         if missing:
-            for mode in COMPILED_MODES:
+            for mode in ("bf16", "fp8", "fast"):
                 blocked.setdefault(mode, missing)
     if requested != "auto":
         if requested in blocked:
@@ -244,17 +239,12 @@ def apply(pipe: Any, mode: str, profile: str, prepared: bool = False,
         info["fp8_layers"] = sum(isinstance(m, Fp8Linear) for m in transformer.modules())
     else:
         # Embedders and the final layer are under 1% of the work and stay bf16.
-        info["fp8_layers"] = prepare_blocks(transformer, fp8=mode in FP8_MODES)
+        info["fp8_layers"] = prepare_blocks(transformer, fp8=mode in ("fp8", "fast"))
         info["prepare_parts_s"] = dict(PREPARE_SECONDS)
     transformer.to("cuda")
     torch.cuda.synchronize()
     info["prepare_s"] = round(time.perf_counter() - t, 3)
-    if mode == "fp8-attn":
-        from fluxstack.runtime.attention8 import use_8bit_attention
-
-        info["attention"] = f"8-bit, Triton ({use_8bit_attention(transformer)} layers)"
-    else:
-        info["attention"] = best_attention_backend(transformer)
+    info["attention"] = best_attention_backend(transformer)
     # Regional compilation: the 19 double and 38 single blocks share two compiled graphs, so the
     # first call compiles 2 blocks instead of 57 (and a warm cache loads 2 graphs). Static shapes:
     # each image size compiles once (then comes from the cache) instead of a slower dynamic graph.

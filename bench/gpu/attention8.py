@@ -1,17 +1,83 @@
-"""The Triton kernel behind attention8 (8-bit attention), registered as the torch op
-fluxstack::attention_8bit so that torch.compile's graphs of the blocks call it as one opaque op.
+"""8-bit attention kernels for bench/gpu/attention.py: an experiment for issue 4, not runtime code.
 
-A module of its own because it needs Triton, which only CUDA builds of PyTorch bring: attention8
-imports it when the mode runs on a GPU.
+Measured on an H100 (bench/results/attention-h100-20261207b.json, docs/performance.md), none of these
+beats cuDNN's bf16 flash attention at FLUX.1's shapes, so no performance mode uses them:
+
+  q k^T  q and k in int8 (or float8 e4m3) with one scale per token and head, k less its mean over
+         the tokens (softmax-invariant; SageAttention's "smooth k").
+  p v    the softmax probabilities times 256 and v (one scale per call) in float8 e4m3, or both bf16.
+
+Accumulation is float32 and the output bf16. `reference` is the same quantized arithmetic in float32
+torch; the kernel runs on the CPU under TRITON_INTERPRET=1 (whose fp8 rounding and bf16 dot differ
+from the GPU's, so compare there with fp16 probabilities).
 """
 
 # ruff: noqa: N803 (Triton's compile-time parameters are upper case by convention)
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
+from torch.nn import functional
 from triton.tools.tensor_descriptor import TensorDescriptor
+
+E4M3_MAX = 448.0
+INT8_MAX = 127.0
+P_SCALE = 256.0  # probabilities in [0, 1] times this stay in e4m3's normal range down to 2^-14
+LOG2E = 1.4426950408889634  # the kernel takes exp2
+
+
+def per_token(x: torch.Tensor, dtype: torch.dtype, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (batch, tokens, heads, d) in int8 or float8 e4m3 scaled by each token and head's absolute
+    maximum, and those scales (batch, tokens, heads) in float32, multiplied by `factor`."""
+    top = INT8_MAX if dtype == torch.int8 else E4M3_MAX
+    amax = x.abs().amax(-1, keepdim=True).float().clamp(min=1e-12)
+    scaled = x.float() * (top / amax)
+    if dtype == torch.int8:
+        scaled = scaled.round()
+    return scaled.clamp(-top, top).to(dtype), (amax * (factor / top)).squeeze(-1)
+
+
+def per_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x in float8 e4m3 scaled by its absolute maximum, and the descale (one float32)."""
+    amax = x.abs().amax().float().clamp(min=1e-12)
+    return (x.float() * (E4M3_MAX / amax)).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), \
+        (amax / E4M3_MAX).reshape(1)
+
+
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_dtype: torch.dtype = torch.int8,
+             v_fp8: bool = True) -> tuple[torch.Tensor, ...]:
+    """The kernel's inputs from bf16 q, k, v (batch, tokens, heads, d): q8, k8, v transposed to
+    (batch, heads, d, tokens) in fp8 (or left bf16), q's scales (with the softmax scale and log2(e)
+    folded in), k's scales and v's descale."""
+    q8, qs = per_token(q, qk_dtype, factor=LOG2E / math.sqrt(q.shape[-1]))
+    # Subtracting k's mean over the tokens changes every logit of a query by the same amount, which
+    # the softmax cancels, and leaves int8 the spread around a shared offset (SageAttention's "smooth
+    # k": trained models' keys often share one).
+    k8, ks = per_token(k.float() - k.float().mean(dim=1, keepdim=True), qk_dtype)
+    v8, vd = per_tensor(v) if v_fp8 else (v, torch.ones(1, device=v.device))
+    # TMA wants 16-byte aligned rows: pad v's storage to a multiple of 16 tokens, not its shape.
+    tokens = v.shape[1]
+    vt8 = functional.pad(v8.permute(0, 2, 3, 1), (0, -tokens % 16)).contiguous()[..., :tokens]  # pad 0: a view
+    return q8, k8, vt8, qs.contiguous(), ks.contiguous(), vd
+
+
+def reference(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
+              vd: torch.Tensor) -> torch.Tensor:
+    """What the kernel computes, in float32 torch: the CPU's path, and the tests' yardstick."""
+    q = q8.float() * qs.unsqueeze(-1)
+    k = k8.float() * ks.unsqueeze(-1)
+    logits = torch.einsum("bshd,bthd->bhst", q, k)  # in log2 units: q's scales include log2(e)
+    p = torch.exp2(logits - logits.amax(-1, keepdim=True))
+    total = p.sum(-1, keepdim=True)
+    if vt8.dtype == torch.float8_e4m3fn:
+        p = (p * P_SCALE).to(torch.float8_e4m3fn).float() / P_SCALE
+    out = torch.einsum("bhst,bhdt->bshd", p / total, vt8.float() * vd)
+    return out.to(torch.bfloat16)
+
+
 
 # Block shapes tried on the first call of each sequence length (then cached with Triton's kernels):
 # few, since each costs a compilation at the first start.
@@ -109,7 +175,6 @@ def attention_kernel_tma(q_desc, k_desc, v_desc, o_desc, q_scale, k_scale, v_des
     o_desc.store([b, start_m * BLOCK_M, h * HEAD_DIM], out.to(o_desc.dtype).reshape(1, BLOCK_M, HEAD_DIM))
 
 
-@torch.library.custom_op("fluxstack::attention_8bit", mutates_args=())
 def attention_8bit(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
                    vd: torch.Tensor, p_scale: float, tma: bool) -> torch.Tensor:
     batch, tokens, heads, dim = q8.shape
@@ -132,9 +197,3 @@ def attention_8bit(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, qs: to
                                    *q8.stride()[:3], *k8.stride()[:3], *vt8.stride()[:3], *out.stride()[:3],
                                    HEADS=heads, HEAD_DIM=dim, P_SCALE=p_scale)
     return out
-
-
-@attention_8bit.register_fake
-def _(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor, vd: torch.Tensor,
-      p_scale: float, tma: bool) -> torch.Tensor:
-    return torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
