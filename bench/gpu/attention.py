@@ -1,4 +1,4 @@
-"""fp8 attention candidates against the bf16 kernels the runtime uses, on FLUX.1's shapes (issue 4).
+"""8-bit attention candidates against the bf16 kernel the runtime uses, on FLUX.1's shapes (issue 4).
 
 schnell at 0.40 s needs attention faster than cuDNN's bf16 flash kernel (docs/performance.md). This
 times one attention call of FLUX.1 at 1024x1024 (24 heads of 128, 4096 image tokens plus 512 T5
@@ -16,9 +16,10 @@ its error against a float32 reference on inputs shaped like FLUX's (RMS-normed q
   triton_int8qk_bf16pv  int8 q and k, bf16 probabilities and v: only the first product in 8 bits
   sage         SageAttention 1 (pip sageattention): int8 q and k, fp16 probabilities and v
 
-Each candidate's time is reported for the kernel alone and with the per-tensor quantization of its
-inputs done by eager PyTorch (in the runtime Inductor would fuse it into the q/k norm + RoPE
-kernel). A candidate that cannot run here records why instead of a time.
+Each candidate's time is reported for the kernel alone and with the quantization of its inputs
+done by eager PyTorch (compiled blocks would fuse most of it into the q/k norm + RoPE kernel). A
+candidate that cannot run here records why instead of a time. Results and what they decided:
+docs/performance.md ("schnell at 0.40 s").
 
     python bench/gpu/attention.py --out attention.json
 """
@@ -82,7 +83,7 @@ def sdpa(backend: SDPBackend) -> Callable[..., Any]:
     return prepare, run
 
 
-# -- the runtime's 8-bit kernel (fluxstack.runtime.attention8) ----------------------------------
+# -- the Triton kernels of attention8.py ---------------------------------------------------------
 def triton_8bit(qk_dtype: torch.dtype, v_fp8: bool = True,
                 tma: bool = True) -> tuple[Callable[..., Any], Callable[..., Any]]:
     def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
