@@ -66,7 +66,7 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qk_dtype: torch.
 
 def reference(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, qs: torch.Tensor, ks: torch.Tensor,
               vd: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes, in float32 torch: the CPU's path, and the tests' yardstick."""
+    """What the kernels compute, in float32 torch: to check them against, on any device."""
     q = q8.float() * qs.unsqueeze(-1)
     k = k8.float() * ks.unsqueeze(-1)
     logits = torch.einsum("bshd,bthd->bhst", q, k)  # in log2 units: q's scales include log2(e)
@@ -78,9 +78,7 @@ def reference(q8: torch.Tensor, k8: torch.Tensor, vt8: torch.Tensor, qs: torch.T
     return out.to(torch.bfloat16)
 
 
-
-# Block shapes tried on the first call of each sequence length (then cached with Triton's kernels):
-# few, since each costs a compilation at the first start.
+# Block shapes tried on the first call of each sequence length: few, since each is a compilation.
 CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
            for m, n, w, s in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
                               (128, 64, 4, 3), (128, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3))]
