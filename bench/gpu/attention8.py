@@ -84,6 +84,20 @@ CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s
                               (128, 64, 4, 3), (128, 128, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3))]
 
 
+@triton.jit
+def _attend(q, k, vt, qs, ks, keys, tokens, m_i, l_i, acc, P_SCALE: tl.constexpr):
+    # One block of keys for a block of queries: the logits in log2 units, the online softmax's new
+    # row maxima and sums (FlashAttention-2), and the probabilities times v added to acc.
+    qk = tl.dot(q, tl.trans(k)).to(tl.float32) * qs[:, None] * ks[None, :]
+    qk = tl.where(keys[None, :] < tokens, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot((p * P_SCALE).to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
 @triton.autotune(configs=CONFIGS, key=["tokens", "HEAD_DIM"], cache_results=True)
 @triton.jit
 def attention_kernel(q_ptr, k_ptr, vt_ptr, out_ptr, q_scale, k_scale, v_descale, tokens,
@@ -91,7 +105,7 @@ def attention_kernel(q_ptr, k_ptr, vt_ptr, out_ptr, q_scale, k_scale, v_descale,
                      stride_vb, stride_vh, stride_vd, stride_ob, stride_os, stride_oh,
                      HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, P_SCALE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # One program: BLOCK_M queries of one head, online softmax over all keys (FlashAttention-2).
+    # One program: BLOCK_M queries of one head against all keys.
     # q, k: (batch, tokens, heads, d), int8 or fp8, one scale per token and head ((batch, tokens,
     # heads) float32; q's includes the softmax scale and log2(e)); vt: (batch, heads, d, tokens)
     # fp8 with one scale (or bf16), laid out so that both dots read their second operand along the
@@ -114,14 +128,7 @@ def attention_kernel(q_ptr, k_ptr, vt_ptr, out_ptr, q_scale, k_scale, v_descale,
         k = tl.load(k_base + keys[:, None] * stride_ks + dims[None, :], mask=keys[:, None] < tokens, other=0.0)
         ks = tl.load(k_scale + (b * tokens + keys) * HEADS + h, mask=keys < tokens, other=0.0)
         vt = tl.load(v_base + dims[:, None] * stride_vd + keys[None, :], mask=keys[None, :] < tokens, other=0.0)
-        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * qs[:, None] * ks[None, :]
-        qk = tl.where(keys[None, :] < tokens, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot((p * P_SCALE).to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, k, vt, qs, ks, keys, tokens, m_i, l_i, acc, P_SCALE)
     out = acc * (tl.load(v_descale) / P_SCALE / l_i)[:, None]
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < tokens)
@@ -161,14 +168,7 @@ def attention_kernel_tma(q_desc, k_desc, v_desc, o_desc, q_scale, k_scale, v_des
         k = k_desc.load([b, start_n, h * HEAD_DIM]).reshape(BLOCK_N, HEAD_DIM)
         ks = tl.load(k_scale + (b * tokens + keys) * HEADS + h, mask=keys < tokens, other=0.0)
         vt = v_desc.load([b, h * HEAD_DIM, start_n]).reshape(HEAD_DIM, BLOCK_N)
-        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * qs[:, None] * ks[None, :]
-        qk = tl.where(keys[None, :] < tokens, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot((p * P_SCALE).to(vt.dtype), tl.trans(vt), acc * alpha[:, None])
-        m_i = m_new
+        m_i, l_i, acc = _attend(q, k, vt, qs, ks, keys, tokens, m_i, l_i, acc, P_SCALE)
     out = acc * (tl.load(v_descale) / P_SCALE / l_i)[:, None]
     o_desc.store([b, start_m * BLOCK_M, h * HEAD_DIM], out.to(o_desc.dtype).reshape(1, BLOCK_M, HEAD_DIM))
 
