@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import attention8
+from kernel_timing import cuda_ms
 
 HEADS, HEAD_DIM = 24, 128
 IMAGE_TOKENS = 4096  # 1024x1024: a 64x64 latent in 2x2 patches
@@ -72,7 +72,7 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 # -- SDPA (bf16) ---------------------------------------------------------------------------------
-def sdpa(backend: SDPBackend) -> Callable[..., Any]:
+def sdpa(backend: SDPBackend) -> tuple[Callable[..., Any], Callable[..., Any]]:
     def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
         return tuple(x.transpose(1, 2) for x in (q, k, v))  # what diffusers' native backends pass
 
@@ -159,30 +159,15 @@ def sage() -> tuple[Callable[..., Any], Callable[..., Any]]:
 
 
 # -- measuring -----------------------------------------------------------------------------------
-def cuda_ms(fn: Callable[[], Any], calls: int = 20, repeats: int = 7) -> float:
-    """Median over `repeats` of the mean time of `calls` back-to-back calls, in milliseconds."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
-
-
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm())
 
 
-def measure(name: str, build: Callable[[], tuple], tokens: int, temperatures: tuple[float, ...]) -> dict[str, Any]:
+def measure(name: str, build: Callable[[torch.Tensor], tuple], tokens: int,
+            temperatures: tuple[float, ...]) -> dict[str, Any]:
     q, k, v = flux_like(tokens, 1.0, seed=0)
     try:
-        prepare, run = build(q) if name == "cudnn_fp8" else build()
+        prepare, run = build(q)  # cuDNN builds its graph for q's shape
         args = prepare(q, k, v)
         kernel_ms = cuda_ms(lambda: run(*args))
         total_ms = cuda_ms(lambda: run(*prepare(q, k, v)))
@@ -206,15 +191,15 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", nargs="*", help="candidates to run (default: all)")
     args = parser.parse_args()
-    candidates: dict[str, Callable[..., tuple]] = {
-        "cudnn_bf16": lambda: sdpa(SDPBackend.CUDNN_ATTENTION),
-        "flash_bf16": lambda: sdpa(SDPBackend.FLASH_ATTENTION),
+    candidates: dict[str, Callable[[torch.Tensor], tuple]] = {
+        "cudnn_bf16": lambda _: sdpa(SDPBackend.CUDNN_ATTENTION),
+        "flash_bf16": lambda _: sdpa(SDPBackend.FLASH_ATTENTION),
         "cudnn_fp8": cudnn_fp8,
-        "triton_fp8": lambda: triton_8bit(torch.float8_e4m3fn),
-        "triton_int8qk": lambda: triton_8bit(torch.int8),
-        "triton_int8qk_pointers": lambda: triton_8bit(torch.int8, tma=False),
-        "triton_int8qk_bf16pv": lambda: triton_8bit(torch.int8, v_fp8=False),
-        "sage": sage,
+        "triton_fp8": lambda _: triton_8bit(torch.float8_e4m3fn),
+        "triton_int8qk": lambda _: triton_8bit(torch.int8),
+        "triton_int8qk_pointers": lambda _: triton_8bit(torch.int8, tma=False),
+        "triton_int8qk_bf16pv": lambda _: triton_8bit(torch.int8, v_fp8=False),
+        "sage": lambda _: sage(),
     }
     results: dict[str, Any] = {
         "gpu": torch.cuda.get_device_name(0),

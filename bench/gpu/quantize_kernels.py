@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from kernel_timing import cuda_ms
 
 from fluxstack.runtime import fp8
 
@@ -56,21 +57,6 @@ def norm_mod(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> tuple
     return quantize(torch.nn.functional.layer_norm(x, (WIDTH,), eps=1e-6) * (1 + scale) + shift)
 
 
-def cuda_ms(fn: Callable[[], object], calls: int = 50, repeats: int = 7) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -97,7 +83,7 @@ def main() -> None:
             torch._dynamo.reset()
             compiled = torch.compile(fn, fullgraph=True, dynamic=False)
             outputs[chunk] = compiled(*inputs)
-            ms = cuda_ms(lambda compiled=compiled, inputs=inputs: compiled(*inputs))
+            ms = cuda_ms(lambda compiled=compiled, inputs=inputs: compiled(*inputs), calls=50, warmup=5)
             row[f"chunk_{chunk}_ms"] = round(ms, 4)
             row[f"chunk_{chunk}_gbps"] = round(moved / ms / 1e6, 1)
         row["same_bits"] = all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
